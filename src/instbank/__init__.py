@@ -1,0 +1,17 @@
+"""instbank: build an instance bank for copy-paste augmentation and paste from it on the GPU.
+
+Importing the package is cheap: torch, Triton, lmdb and webdataset are imported only when used.
+"""
+
+from instbank.errors import BankError, BuildError, InputError, InstbankError
+
+__version__ = "0.1.0"
+
+__all__ = ["open_bank", "InstbankError", "InputError", "BankError", "BuildError", "__version__"]
+
+
+def open_bank(path):
+    """Open the bank at ``path`` (any backend); see :func:`instbank.storage.open_bank`."""
+    from instbank.storage import open_bank as _open_bank
+
+    return _open_bank(path)

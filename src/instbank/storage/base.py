@@ -1,0 +1,555 @@
+"""The bank on disk, common to every backend: layout, manifest, content hash, writer and reader base.
+
+Layout of a bank directory (every backend)::
+
+    BANK/
+      manifest.json            written LAST, atomically; a directory without it is not a bank
+      .lock                    held (fcntl) by a build writing into BANK; absent or unlocked after
+      shards/
+        000000/                one build shard = a contiguous chunk of images
+          meta.npy             META_DTYPE [n]        geometry + class id per crop (types.META_DTYPE)
+          digests.npy          uint8 [n, 32]         sha256 of each crop, see ``crop_digests``
+          <payload>            backend-specific pixels (memmap: pixels.u8; lmdb: data.mdb; wds: *.tar)
+          shard.json           written last in the shard: counts, class histogram, shard hash,
+                               skip report, payload description; a shard without it is unfinished
+        000001/ ...
+
+``manifest.json`` (``FORMAT_VERSION`` 1)::
+
+    format_version  int         readers refuse a bank newer than the FORMAT_VERSION they know
+    backend         str         key of ``instbank.storage.BACKENDS``
+    crop_size       [S, S]
+    num_crops       int
+    classes         [{id, source_id, name}]    contiguous ids 0..C-1
+    class_frequencies [C] ints
+    content_hash    sha256 hex (see ``content_hash``), version = "{backend}@{content_hash[:12]}"
+    version         str
+    shards          [{dir, num_crops, hash, payload}]   in global index order
+    backend_options dict        e.g. codec, written by the payload writer
+    build           dict        the build configuration (source, filters, size, workers...)
+    skipped         {reason: count}
+    has_embeddings  bool
+    instbank_version, created
+
+Content hash (DESIGN "version"): each crop's digest is ``sha256(rgba bytes [4,S,S] C-order ||
+meta row bytes (META_DTYPE, which includes the class id))``; the bank hash is
+``sha256(header || digest_0 || digest_1 || ...)`` with ``header`` the canonical JSON of the crop size
+and the class table. It depends on content and order only, not on backend, sharding or workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from instbank.errors import BankError, BuildError
+from instbank.types import META_DTYPE, BankCrop, ClassInfo, CropMeta
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_MANIFEST = "shard.json"
+SHARDS_DIR = "shards"
+DIGEST_BYTES = 32
+
+
+# --------------------------------------------------------------------------------------------
+# hashing
+
+
+def crop_digests(rgba: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, 32]``: sha256 of each crop's RGBA bytes followed by its META_DTYPE row bytes."""
+    if len(rgba) != len(meta):
+        raise ValueError(f"{len(rgba)} crops but {len(meta)} meta rows")
+    meta = np.ascontiguousarray(meta, dtype=META_DTYPE)
+    out = np.empty((len(rgba), DIGEST_BYTES), np.uint8)
+    for i in range(len(rgba)):
+        h = hashlib.sha256(np.ascontiguousarray(rgba[i]).data)
+        h.update(meta[i : i + 1].tobytes())
+        out[i] = np.frombuffer(h.digest(), np.uint8)
+    return out
+
+
+def _header_bytes(crop_size: int, classes: Sequence[ClassInfo]) -> bytes:
+    header = {"crop_size": [crop_size, crop_size], "classes": [c.to_json() for c in classes]}
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def content_hash(crop_size: int, classes: Sequence[ClassInfo], digest_chunks: Iterable[np.ndarray]) -> str:
+    """Bank content hash over the crop size, the class table and the ordered crop digests."""
+    h = hashlib.sha256(_header_bytes(crop_size, classes))
+    for chunk in digest_chunks:
+        h.update(np.ascontiguousarray(chunk, np.uint8).data)
+    return h.hexdigest()
+
+
+def shard_hash(digests: np.ndarray) -> str:
+    """Hash of one shard's ordered crop digests (used to check finished shards on resume)."""
+    return hashlib.sha256(np.ascontiguousarray(digests, np.uint8).data).hexdigest()
+
+
+def make_version(backend: str, content: str) -> str:
+    return f"{backend}@{content[:12]}"
+
+
+# --------------------------------------------------------------------------------------------
+# small file helpers
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file + fsync + rename, so readers never see half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BankError(f"{path}: missing {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BankError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def classes_from_json(entries: Sequence[Mapping[str, Any]]) -> list[ClassInfo]:
+    return [ClassInfo(int(c["id"]), int(c["source_id"]), str(c["name"])) for c in entries]
+
+
+def load_manifest(bank_dir: str | os.PathLike) -> dict:
+    """Read and check ``manifest.json``; raises ``BankError`` naming the file on any problem."""
+    bank_dir = Path(bank_dir)
+    path = bank_dir / MANIFEST
+    if not bank_dir.is_dir():
+        raise BankError(f"{bank_dir}: no such bank directory")
+    if not path.exists():
+        raise BankError(f"{bank_dir}: not a finished instbank bank (no {MANIFEST}; an interrupted build?)")
+    manifest = read_json(path, "bank manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise BankError(f"{path}: no integer format_version")
+    if version > FORMAT_VERSION:
+        raise BankError(
+            f"{path}: bank format version {version} is newer than this instbank reads "
+            f"({FORMAT_VERSION}); upgrade instbank"
+        )
+    for key in ("backend", "crop_size", "num_crops", "classes", "shards", "content_hash"):
+        if key not in manifest:
+            raise BankError(f"{path}: manifest has no '{key}'")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+class PayloadWriter(Protocol):
+    """What a backend implements to write its pixels for one shard.
+
+    ``__init__(shard_dir: Path, crop_size: int, options: Mapping)``; ``append`` receives crops in
+    global order (``first_index`` is the shard-local index of ``rgba[0]``); ``close`` finishes the
+    files and returns the JSON-able payload description stored in ``shard.json["payload"]``;
+    ``abort`` closes without finishing. ``backend_options`` (class attribute or property) is
+    recorded in the bank manifest (e.g. the codec).
+    """
+
+    backend_options: Mapping[str, Any]
+
+    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int) -> None: ...
+
+    def close(self) -> dict: ...
+
+    def abort(self) -> None: ...
+
+
+class ShardWriter:
+    """Writes one shard: backend payload + ``meta.npy`` + ``digests.npy`` + ``shard.json`` (last).
+
+    Memory is bounded by one shard's meta and digests (~100 bytes per crop), never its pixels.
+    """
+
+    def __init__(self, shard_dir: Path, backend: str, crop_size: int, options: Mapping[str, Any] | None = None):
+        from instbank.storage import get_backend
+
+        self.shard_dir = Path(shard_dir)
+        if self.shard_dir.exists():
+            shutil.rmtree(self.shard_dir)  # an unfinished shard from an earlier run: redo it
+        self.shard_dir.mkdir(parents=True)
+        self.crop_size = crop_size
+        self.payload: PayloadWriter = get_backend(backend).Writer(self.shard_dir, crop_size, dict(options or {}))
+        self._meta: list[np.ndarray] = []
+        self._digests: list[np.ndarray] = []
+        self._count = 0
+
+    def append(self, rgba: np.ndarray, meta: np.ndarray, digests: np.ndarray | None = None) -> None:
+        """Append crops uint8 ``[n, 4, S, S]`` with META_DTYPE ``[n]`` rows (digests computed if None)."""
+        if len(rgba) == 0:
+            return
+        s = self.crop_size
+        if rgba.dtype != np.uint8 or rgba.shape[1:] != (4, s, s):
+            raise ValueError(f"expected uint8 [n,4,{s},{s}] crops, got {rgba.dtype} {rgba.shape}")
+        meta = np.ascontiguousarray(meta, META_DTYPE)
+        if digests is None:
+            digests = crop_digests(rgba, meta)
+        self.payload.append(rgba, meta, self._count)
+        self._meta.append(meta)
+        self._digests.append(digests)
+        self._count += len(rgba)
+
+    def close(self, skipped: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+        """Finish the shard; returns its ``shard.json`` content."""
+        payload = self.payload.close()
+        meta = np.concatenate(self._meta) if self._meta else np.empty(0, META_DTYPE)
+        digests = np.concatenate(self._digests) if self._digests else np.empty((0, DIGEST_BYTES), np.uint8)
+        save_npy_atomic(self.shard_dir / "meta.npy", meta)
+        save_npy_atomic(self.shard_dir / "digests.npy", digests)
+        info = {
+            "num_crops": int(len(meta)),
+            "hash": shard_hash(digests),
+            "class_ids": sorted(Counter(meta["class_id"].tolist()).items()),
+            "skipped": dict(skipped or {}),
+            "payload": payload,
+            "backend_options": dict(self.payload.backend_options),
+            **dict(extra or {}),
+        }
+        write_json_atomic(self.shard_dir / SHARD_MANIFEST, info)
+        return info
+
+    def abort(self) -> None:
+        self.payload.abort()
+
+
+def shard_dir_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def read_shard_info(shard_dir: Path) -> dict | None:
+    """``shard.json`` of a finished shard whose digests still match its recorded hash, else None."""
+    path = Path(shard_dir) / SHARD_MANIFEST
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        digests = np.load(Path(shard_dir) / "digests.npy")
+    except (OSError, ValueError):
+        return None
+    if shard_hash(digests) != info.get("hash") or len(digests) != info.get("num_crops"):
+        return None
+    return info
+
+
+def assemble_manifest(
+    bank_dir: Path,
+    backend: str,
+    crop_size: int,
+    classes: Sequence[ClassInfo],
+    shard_names: Sequence[str],
+    build: Mapping[str, Any],
+    skipped: Mapping[str, int],
+) -> dict:
+    """Build the bank manifest from finished shards (prefix sums give the global index) and write
+    it last. Nothing is copied: the shards stay where they were written."""
+    shards = []
+    freqs = np.zeros(len(classes), np.int64)
+    digest_chunks = []
+    options: dict[str, Any] = {}
+    for name in shard_names:
+        sdir = bank_dir / SHARDS_DIR / name
+        info = read_json(sdir / SHARD_MANIFEST, "shard manifest")
+        digests = np.load(sdir / "digests.npy")
+        if shard_hash(digests) != info["hash"]:
+            raise BankError(f"{sdir / 'digests.npy'}: does not match the hash in {SHARD_MANIFEST}")
+        for cid, n in info["class_ids"]:
+            if not 0 <= cid < len(classes):
+                raise BankError(f"{sdir}: class id {cid} outside the class table ({len(classes)} classes)")
+            freqs[cid] += n
+        digest_chunks.append(digests)
+        options = info.get("backend_options", options)
+        shards.append({"dir": name, "num_crops": info["num_crops"], "hash": info["hash"], "payload": info["payload"]})
+    chash = content_hash(crop_size, classes, digest_chunks)
+    from instbank import __version__
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "backend": backend,
+        "crop_size": [crop_size, crop_size],
+        "num_crops": int(sum(s["num_crops"] for s in shards)),
+        "num_classes": len(classes),
+        "classes": [c.to_json() for c in classes],
+        "class_frequencies": freqs.tolist(),
+        "content_hash": chash,
+        "version": make_version(backend, chash),
+        "shards": shards,
+        "backend_options": options,
+        "build": dict(build),
+        "skipped": dict(sorted(skipped.items())),
+        "has_embeddings": False,
+        "instbank_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(bank_dir / MANIFEST, manifest)
+    return manifest
+
+
+def prepare_output(bank_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Create ``bank_dir`` for a new build. An existing bank is refused unless ``overwrite``; an
+    unfinished one (no manifest) is cleared unless ``resume``. Raises ``BuildError``."""
+    bank_dir = Path(bank_dir)
+    if (bank_dir / MANIFEST).exists() and not overwrite:
+        raise BuildError(f"{bank_dir}: a bank already exists here (use --overwrite to replace it)")
+    if bank_dir.exists() and not bank_dir.is_dir():
+        raise BuildError(f"{bank_dir}: exists and is not a directory")
+    if bank_dir.exists() and (overwrite or not resume):
+        for child in (bank_dir / MANIFEST, bank_dir / SHARDS_DIR):
+            if child.is_dir():
+                shutil.rmtree(child)
+            elif child.exists():
+                child.unlink()
+    try:
+        (bank_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"{bank_dir}: cannot create the output directory ({e.strerror})") from None
+    if not os.access(bank_dir, os.W_OK):
+        raise BuildError(f"{bank_dir}: output directory is not writable")
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+@runtime_checkable
+class InstanceBank(Protocol):
+    """The read side, the same for every backend (DESIGN "InstanceBank protocol")."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> BankCrop: ...
+
+    def get_many(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
+
+    @property
+    def crop_class_ids(self) -> np.ndarray: ...
+
+    @property
+    def class_frequencies(self) -> np.ndarray: ...
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+    @property
+    def crop_size(self) -> tuple[int, int]: ...
+
+    @property
+    def has_embeddings(self) -> bool: ...
+
+    @property
+    def meta_table(self) -> np.ndarray: ...
+
+    @property
+    def version(self) -> str: ...
+
+
+class ShardedBank:
+    """Reader base for every backend: index, metadata and worker safety live here; a backend
+    implements ``_open_payload`` and ``_read``.
+
+    Worker safety (DESIGN "Workers"): the object holds paths; payload handles are opened on first
+    use in each process, reopened when ``os.getpid()`` changes (fork), and dropped by
+    ``__getstate__`` (spawn/forkserver pickle only the path and manifest).
+    """
+
+    backend = ""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict | None = None):
+        self.path = Path(path)
+        self.manifest = manifest if manifest is not None else load_manifest(self.path)
+        if self.manifest["backend"] != self.backend:
+            raise BankError(f"{self.path / MANIFEST}: backend is {self.manifest['backend']!r}, not {self.backend!r}")
+        self.classes = classes_from_json(self.manifest["classes"])
+        self._shards = self.manifest["shards"]
+        counts = np.array([s["num_crops"] for s in self._shards], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._len = int(self._starts[-1])
+        if self._len != self.manifest["num_crops"]:
+            raise BankError(f"{self.path / MANIFEST}: shards hold {self._len} crops, manifest says {self.manifest['num_crops']}")
+        self._s = int(self.manifest["crop_size"][0])
+        self._meta: np.ndarray | None = None
+        self._handles: dict[int, Any] = {}
+        self._pid: int | None = None
+
+    # ---- per-process payload handles
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        state["_pid"] = None
+        state["_meta"] = None  # reloaded from disk: pickles stay a path, not the data
+        return state
+
+    def _handle(self, shard: int) -> Any:
+        pid = os.getpid()
+        if self._pid != pid:
+            # Forked child: the parent's handles are not ours to use or close.
+            self._handles = {}
+            self._pid = pid
+        h = self._handles.get(shard)
+        if h is None:
+            sdir = self.path / SHARDS_DIR / self._shards[shard]["dir"]
+            h = self._handles[shard] = self._open_payload(sdir, self._shards[shard])
+        return h
+
+    def close(self) -> None:
+        """Close payload handles of this process (safe to call more than once)."""
+        if self._pid == os.getpid():
+            for h in self._handles.values():
+                self._close_payload(h)
+        self._handles = {}
+        self._pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- backend hooks
+    def _open_payload(self, shard_dir: Path, shard: dict) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _close_payload(self, handle: Any) -> None:
+        close = getattr(handle, "close", None)
+        if close is not None:
+            close()
+
+    def _read(self, handle: Any, local: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+        """Write crops ``local`` (int64 shard-local indices) of one shard into ``out`` [n,4,S,S]."""
+        raise NotImplementedError
+
+    # ---- the protocol
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {self._len} crops, {self.version})"
+
+    def _normalize(self, indices) -> np.ndarray:
+        idx = np.asarray(indices)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"crop indices must be integers, got {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        if idx.size and (idx.min() < -self._len or idx.max() >= self._len):
+            bad = idx[(idx < -self._len) | (idx >= self._len)][0]
+            raise IndexError(f"crop index {bad} out of range for a bank of {self._len} crops")
+        return np.where(idx < 0, idx + self._len, idx)
+
+    def get_many(self, indices, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 ``[n, 4, S, S]`` crops at ``indices`` (any int array shape, flattened), written into
+        ``out`` when given (must be C-contiguous uint8 of that shape)."""
+        idx = self._normalize(indices)
+        s = self._s
+        if out is None:
+            out = np.empty((len(idx), 4, s, s), np.uint8)
+        elif out.shape != (len(idx), 4, s, s) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous uint8 {(len(idx), 4, s, s)}, got {out.dtype} {out.shape}")
+        if len(idx) == 0:
+            return out
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        first = shard_of[0]
+        if (shard_of == first).all():  # the common case: one gather straight into `out`
+            self._read(self._handle(int(first)), idx - self._starts[first], out)
+            return out
+        for shard in np.unique(shard_of):
+            pos = np.flatnonzero(shard_of == shard)
+            part = np.empty((len(pos), 4, s, s), np.uint8)
+            self._read(self._handle(int(shard)), idx[pos] - self._starts[shard], part)
+            out[pos] = part
+        return out
+
+    def __getitem__(self, i) -> BankCrop:
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"bank indices must be integers, got {type(i).__name__} (use get_many for arrays)")
+        j = int(self._normalize([i])[0])
+        row = self.meta_table[j]
+        return BankCrop(self.get_many([j])[0], int(row["class_id"]), CropMeta.from_row(row), None)
+
+    def __iter__(self):
+        for i in range(self._len):
+            yield self[i]
+
+    @property
+    def meta_table(self) -> np.ndarray:
+        """META_DTYPE ``[N]`` structured array, one row per crop (loaded once per process)."""
+        if self._meta is None:
+            parts = []
+            for s in self._shards:
+                path = self.path / SHARDS_DIR / s["dir"] / "meta.npy"
+                try:
+                    part = np.load(path)
+                except (OSError, ValueError) as e:
+                    raise BankError(f"{path}: cannot read crop index ({e})") from None
+                if part.dtype != META_DTYPE or len(part) != s["num_crops"]:
+                    raise BankError(f"{path}: expected {s['num_crops']} rows of the crop index, found {len(part)}")
+                parts.append(part)
+            self._meta = np.concatenate(parts) if parts else np.empty(0, META_DTYPE)
+        return self._meta
+
+    @property
+    def crop_class_ids(self) -> np.ndarray:
+        """int64 ``[N]`` class id of every crop (from the index, no pass over pixels)."""
+        return self.meta_table["class_id"]
+
+    @property
+    def class_frequencies(self) -> np.ndarray:
+        """int64 ``[C]`` crops per class."""
+        return np.asarray(self.manifest["class_frequencies"], np.int64)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        return (self._s, self._s)
+
+    @property
+    def has_embeddings(self) -> bool:
+        return bool(self.manifest.get("has_embeddings", False))
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest["content_hash"]
+
+    def shard_dirs(self) -> list[Path]:
+        return [self.path / SHARDS_DIR / s["dir"] for s in self._shards]
+
+    def iter_shards(self):
+        """Yield ``(shard_dir, shard_entry, global_start)`` in index order (for convert/verify)."""
+        for i, s in enumerate(self._shards):
+            yield self.path / SHARDS_DIR / s["dir"], s, int(self._starts[i])

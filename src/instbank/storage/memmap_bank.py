@@ -1,0 +1,80 @@
+"""memmap backend: raw uint8 crops, one flat file per shard, read through ``np.memmap``.
+
+Fastest random access when the bank fits the page cache: ``get_many`` is one numpy fancy-index
+gather from the mapped file. Reads are not checksummed (``instbank verify`` recomputes digests).
+
+Payload layout of one shard (beside the common ``meta.npy``/``digests.npy``/``shard.json``):
+
+| file        | dtype | shape          | content                                         |
+|-------------|-------|----------------|-------------------------------------------------|
+| pixels.u8   | uint8 | [n, 4, S, S]   | RGBA crops, C order, no header (shape from shard.json) |
+
+``shard.json["payload"]`` = ``{"file": "pixels.u8", "shape": [n, 4, S, S]}``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from instbank.errors import BankError
+from instbank.storage.base import ShardedBank
+
+PIXELS = "pixels.u8"
+
+
+class Writer:
+    """Appends crops to ``pixels.u8`` as they come: memory stays at one batch of crops."""
+
+    backend_options: Mapping[str, Any] = {"codec": "raw"}
+
+    def __init__(self, shard_dir: Path, crop_size: int, options: Mapping[str, Any]):
+        if options:
+            raise ValueError(f"memmap backend takes no options, got {sorted(options)}")
+        self.path = Path(shard_dir) / PIXELS
+        self.crop_size = crop_size
+        self._f = open(self.path, "wb")
+        self._n = 0
+
+    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int) -> None:
+        self._f.write(np.ascontiguousarray(rgba).data)
+        self._n += len(rgba)
+
+    def close(self) -> dict:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        s = self.crop_size
+        return {"file": PIXELS, "shape": [self._n, 4, s, s]}
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+class Reader(ShardedBank):
+    backend = "memmap"
+
+    def _open_payload(self, shard_dir: Path, shard: dict) -> np.ndarray:
+        path = shard_dir / shard["payload"]["file"]
+        shape = tuple(shard["payload"]["shape"])
+        expected = int(np.prod(shape))
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise BankError(f"{path}: pixel file missing") from None
+        if size != expected:
+            raise BankError(f"{path}: pixel file has {size} bytes, expected {expected} for {shape} (truncated?)")
+        if expected == 0:
+            return np.empty(shape, np.uint8)
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+
+    def _close_payload(self, handle: Any) -> None:
+        # Nothing to close by hand: the mapping goes when the last array view of it does, and
+        # closing it under a live view would crash the process.
+        pass
+
+    def _read(self, handle: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
+        np.take(handle, local, axis=0, out=out)
