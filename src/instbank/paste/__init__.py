@@ -1,0 +1,124 @@
+"""Copy-paste from the bank: plan (where), alpha preparation (how soft), compositing (torch or
+Triton), annotations (what the labels become).
+
+Importing this package is cheap: torch and Triton are imported by the submodules, on first use of
+a name below (PEP 562 ``__getattr__``); Triton only when ``paste(..., impl="triton"|"auto")`` runs
+on a CUDA tensor.
+
+- ``draw_plan`` / ``PastePlan`` / ``CropGeometry``: ``instbank.paste.plan``
+- ``paste``: prepare the alpha (``prepare_alpha``), then composite with the chosen implementation
+- ``paste_image``: the torch reference (``instbank.paste.reference``), the specification
+- ``BankCopyPaste`` / ``CopyPasteConfig`` / ``BankSource``: ``instbank.paste.module``
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from instbank.paste.plan import PastePlan
+
+Impl = Literal["auto", "triton", "torch"]
+IMPLS = ("auto", "triton", "torch")
+
+_LAZY = {
+    "PastePlan": "instbank.paste.plan",
+    "CropGeometry": "instbank.paste.plan",
+    "draw_plan": "instbank.paste.plan",
+    "tight_boxes": "instbank.paste.plan",
+    "paste_image": "instbank.paste.reference",
+    "BankCopyPaste": "instbank.paste.module",
+    "BankSource": "instbank.paste.module",
+    "CopyPasteConfig": "instbank.paste.module",
+    "StagedPaste": "instbank.paste.module",
+    "Instances": "instbank.paste.annotations",
+    "boxes_from_masks": "instbank.paste.annotations",
+    "occlude_instances": "instbank.paste.annotations",
+    "paste_instances": "instbank.paste.annotations",
+    "paint_semantic": "instbank.paste.annotations",
+}
+
+__all__ = ["IMPLS", "paste", "prepare_alpha", "resolve_impl", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'instbank.paste' has no attribute {name!r}")
+
+
+def resolve_impl(impl: str, images: "torch.Tensor") -> str:
+    """``"triton"`` or ``"torch"``: ``auto`` picks Triton for CUDA images when Triton is installed."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if images.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+    return impl
+
+
+def paste(
+    images: "torch.Tensor",
+    crops: "torch.Tensor",
+    plan: "PastePlan",
+    padding_mask: "torch.Tensor | None" = None,
+    value_range: float | None = None,
+    impl: Impl = "auto",
+) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Paste every planned crop: ``prepare_alpha`` then ``paste_image`` of the chosen impl.
+
+    Args and returns as ``instbank.paste.reference.paste_image`` (images ``[B, 3, H, W]``, crops
+    uint8 ``[B, K, 4, S, S]`` with their stored alpha; returns the images and bool visible masks
+    ``[B, K, H, W]``).
+    """
+    crops = prepare_alpha(crops, plan)
+    if resolve_impl(impl, images) == "triton":
+        from instbank.paste.triton_kernel import paste_image as composite
+    else:
+        from instbank.paste.reference import paste_image as composite
+    return composite(images, crops, plan, padding_mask=padding_mask, value_range=value_range)
+
+
+def prepare_alpha(crops: "torch.Tensor", plan: "PastePlan") -> "torch.Tensor":
+    """uint8 ``[B, K, 4, S, S]`` with the alpha the compositing uses (RGB untouched; a new tensor
+    unless ``plan.blend == "none"``).
+
+    - ``"none"``: the stored alpha (area-resampled, so edges are a pixel soft).
+    - ``"hard"``: ``255 where alpha >= 128 else 0``: pasted pixels replace the target.
+    - ``"gaussian"``: the alpha blurred with a Gaussian of ``plan.sigma[b, k]`` crop pixels per
+      paste (Simple Copy-Paste, Ghiasi et al. 2021, smooths the pasted mask's edge this way),
+      rounded to uint8; separable, one grouped convolution per axis for all ``B*K`` crops.
+    """
+    import torch
+
+    if plan.blend == "none" or crops.numel() == 0:
+        return crops
+    out = crops.clone()
+    alpha = crops[:, :, 3]
+    if plan.blend == "hard":
+        out[:, :, 3] = torch.where(alpha >= 128, 255, 0).to(torch.uint8)
+    else:
+        out[:, :, 3] = _gaussian_blur(alpha, plan.sigma.to(crops.device), plan.blur_radius)
+    return out
+
+
+def _gaussian_blur(alpha: "torch.Tensor", sigma: "torch.Tensor", radius: int) -> "torch.Tensor":
+    """Blur uint8 ``[B, K, S, S]`` with per-crop ``sigma`` ``[B, K]`` (0: unchanged); zeros outside."""
+    import torch
+    import torch.nn.functional as F
+
+    b, k, s, _ = alpha.shape
+    n = b * k
+    offsets = torch.arange(-radius, radius + 1, device=alpha.device, dtype=torch.float32)
+    sig = sigma.reshape(n, 1).float()
+    safe = torch.where(sig > 0, sig, 1.0)
+    taps = torch.exp(-0.5 * (offsets / safe) ** 2)
+    taps = torch.where(sig > 0, taps, (offsets == 0).float())  # sigma 0: identity kernel
+    taps = taps / taps.sum(dim=1, keepdim=True)
+    x = alpha.reshape(1, n, s, s).float()
+    x = F.conv2d(x, taps.view(n, 1, 1, -1), padding=(0, radius), groups=n)
+    x = F.conv2d(x, taps.view(n, 1, -1, 1), padding=(radius, 0), groups=n)
+    return torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8).reshape(b, k, s, s)

@@ -1,0 +1,225 @@
+"""``instbank`` command line (typer). Calls only the public API; imports heavy modules inside
+commands so that ``instbank --help`` stays fast and never imports torch.
+
+Every error the user can act on is one line on stderr (``error: <file>: <what is wrong>``), exit
+code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Build an instance bank for copy-paste augmentation, inspect it, and feed it to training.",
+    pretty_exceptions_enable=False,
+)
+
+_DEBUG = {"on": False}
+
+# Options a --config YAML may set for `build` (keys as in the CLI, dashes or underscores).
+_BUILD_DEFAULTS: dict[str, Any] = {
+    "backend": "memmap",
+    "size": 128,
+    "workers": None,
+    "min_area": 0,
+    "min_side": 0,
+    "max_aspect": 0.0,
+    "skip_truncated": False,
+    "crowd": "skip",
+    "box_masks": False,
+    "exif": "follow",
+    "shard_images": None,
+    "engine": "local",
+    "ray_address": None,
+    "codec": None,
+    "strict": False,
+}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    _DEBUG["on"] = debug
+
+
+def _load_config(path: Optional[Path]) -> dict[str, Any]:
+    from instbank.errors import InputError
+
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: config must be a mapping of option: value")
+    build = data.get("build", data)
+    cfg = {str(k).replace("-", "_"): v for k, v in build.items()}
+    unknown = sorted(set(cfg) - set(_BUILD_DEFAULTS) - {"sampler", "paste", "coco", "yolo", "images", "out"})
+    if unknown:
+        raise InputError(f"{path}: unknown build option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_BUILD_DEFAULTS))}")
+    return cfg
+
+
+@app.command()
+def build(
+    coco: Optional[Path] = typer.Option(None, "--coco", help="COCO instances json (polygons and RLE)."),
+    yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO-seg data.yaml or a dir with images/ and labels/."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --coco (default: guessed)."),
+    out: Path = typer.Option(..., "--out", help="Bank directory to write."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset [memmap]"),
+    size: Optional[int] = typer.Option(None, "--size", help="Crop side S in pixels [128]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes [all cores]."),
+    min_area: Optional[int] = typer.Option(None, "--min-area", help="Skip masks under this many source pixels."),
+    min_side: Optional[int] = typer.Option(None, "--min-side", help="Skip tight boxes whose shorter side is smaller."),
+    max_aspect: Optional[float] = typer.Option(None, "--max-aspect", help="Skip boxes longer/shorter above this (0: off)."),
+    skip_truncated: Optional[bool] = typer.Option(None, "--skip-truncated/--keep-truncated", help="Skip masks touching the border."),
+    crowd: Optional[str] = typer.Option(None, "--crowd", help="COCO iscrowd: skip | include [skip]."),
+    box_masks: Optional[bool] = typer.Option(None, "--box-masks/--no-box-masks", help="Box-only labels become rectangle masks."),
+    exif: Optional[str] = typer.Option(None, "--exif", help="EXIF orientation: follow | ignore [follow]."),
+    shard_images: Optional[int] = typer.Option(None, "--shard-images", help="Images per shard [auto]."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="local | ray [local]."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (engine ray)."),
+    codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec (lmdb/webdataset), e.g. zstd, raw, png."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
+    resume: bool = typer.Option(False, "--resume", help="Keep finished shards of an interrupted build."),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Any skipped item is an error."),
+) -> None:
+    """Build a bank from COCO json or YOLO-seg labels."""
+    from instbank.errors import InputError
+
+    given = {k: v for k, v in locals().items() if k in _BUILD_DEFAULTS and v is not None}
+    file_cfg = _load_config(config)
+    opts = {**_BUILD_DEFAULTS, **{k: v for k, v in file_cfg.items() if k in _BUILD_DEFAULTS}, **given}
+    coco = coco or (Path(file_cfg["coco"]) if file_cfg.get("coco") else None)
+    yolo = yolo or (Path(file_cfg["yolo"]) if file_cfg.get("yolo") else None)
+    images = images or (Path(file_cfg["images"]) if file_cfg.get("images") else None)
+    if (coco is None) == (yolo is None):
+        raise InputError("build: give exactly one of --coco ANN.json or --yolo DATA.yaml|DIR")
+    from instbank.storage import BACKENDS
+
+    for name, allowed in (("crowd", ("skip", "include")), ("exif", ("follow", "ignore")), ("engine", ("local", "ray")),
+                          ("backend", tuple(BACKENDS))):
+        if opts[name] not in allowed:
+            raise InputError(f"build: --{name} must be one of {', '.join(allowed)}, got {opts[name]!r}")
+
+    from instbank.build import BuildConfig, build_bank
+    from instbank.crops import CropFilters
+
+    t_read = time.perf_counter()
+    if coco is not None:
+        from instbank.formats.coco import read_coco
+
+        dataset = read_coco(coco, images, crowd=opts["crowd"], box_masks=bool(opts["box_masks"]))
+    else:
+        from instbank.formats.yolo import read_yolo
+
+        dataset = read_yolo(yolo, box_masks=bool(opts["box_masks"]))
+    _err(f"read {dataset.kind} {dataset.source}: {len(dataset.images)} images, {dataset.num_instances} instances, "
+         f"{len(dataset.classes)} classes ({time.perf_counter() - t_read:.1f}s)")
+    for note in dataset.notes:
+        _err(f"note: {note}")
+
+    cfg = BuildConfig(
+        size=int(opts["size"]),
+        backend=str(opts["backend"]),
+        backend_options={"codec": opts["codec"]} if opts["codec"] else {},
+        filters=CropFilters(int(opts["min_area"]), int(opts["min_side"]), float(opts["max_aspect"]), bool(opts["skip_truncated"])),
+        exif=opts["exif"],
+        shard_images=opts["shard_images"],
+    )
+    engine_options = {"address": opts["ray_address"]} if opts["engine"] == "ray" and opts["ray_address"] else None
+    from instbank.progress import build_progress
+
+    with build_progress(len(dataset.images)) as progress:
+        report = build_bank(dataset, out, cfg, workers=opts["workers"], overwrite=overwrite, resume=resume,
+                            strict=bool(opts["strict"]), engine=opts["engine"], engine_options=engine_options,
+                            progress=progress)
+    _print_report(report)
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    console.print(f"[bold]bank[/bold] {report.out}  [bold]version[/bold] {report.version}")
+    console.print(f"kept {report.num_crops} crops from {report.num_images} images in {report.num_shards} shard(s)"
+                  + (f" ({report.reused_shards} reused)" if report.reused_shards else "")
+                  + f", {report.seconds:.1f}s, {report.crops_per_s:.0f} crops/s")
+    if report.skipped:
+        console.print(f"skipped {sum(report.skipped.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())))
+        for reason, items in sorted(report.skip_examples.items()):
+            for item in items[:2]:
+                console.print(f"  {reason}: {item}", markup=False)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False)
+
+
+@app.command()
+def stats(
+    bank: Path = typer.Argument(..., help="Bank directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG of class and size plots."),
+    top: int = typer.Option(10, "--top", help="Classes to list at the head and tail."),
+) -> None:
+    """Summarise what is in a bank."""
+    from instbank.stats import bank_stats, print_stats
+
+    summary = bank_stats(bank)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        print_stats(summary, top=top)
+    if plot is not None:
+        from instbank.plots import plot_stats
+
+        plot_stats(bank, plot)
+        _err(f"wrote {plot}")
+
+
+def _err(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def main() -> None:
+    """Console entry point: one-line errors for the project's own exceptions."""
+    from instbank.errors import InstbankError
+
+    try:
+        app(standalone_mode=False)
+    except InstbankError as e:
+        if _DEBUG["on"]:
+            raise
+        typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors and other exits
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if _DEBUG["on"]:
+            raise
+        typer.echo(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,278 @@
+"""Where each staged crop goes: a ``PastePlan`` drawn from a ``torch.Generator``, touching no pixels.
+
+The plan/apply split: ``draw_plan`` decides, per target image ``b`` and staged crop ``k``, whether
+the crop is pasted, its scale, its translation, its flip and its blur; ``paste_image`` (reference or
+Triton) only executes a plan. A plan is plain tensors, so applying it twice gives the same output
+(replay, debugging, the same placement for two impls).
+
+Geometry (continuous pixel coordinates, pixel centres at ``+0.5``, see ``instbank.types``): a crop is
+an ``S x S`` canvas; target point ``(x, y)`` reads crop point
+``u = (x - tx) / scale`` (``u -> S - u`` when flipped), ``v = (y - ty) / scale``. So the canvas
+covers the target rectangle ``[tx, tx + S*scale) x [ty, ty + S*scale)`` and a crop point ``(u, v)``
+lands at ``x = tx + u*scale`` (``tx + (S - u)*scale`` when flipped), ``y = ty + v*scale``.
+
+Scale modes (``f`` is drawn log-uniform in ``scale_range`` per paste):
+
+- ``"relative"``: the object's longer side in the target becomes ``f * min(H, W)`` target pixels,
+  i.e. ``scale = f * min(H, W) / L_crop`` with ``L_crop`` the object's longer side in crop pixels.
+- ``"native"``: the object's longer side becomes ``f`` times its longer side in its source image,
+  ``scale = f * L_src / L_crop`` (``L_crop = L_src * crop_scale``, so ``scale = f / crop_scale``):
+  with ``f`` near 1 pasted objects keep the size they had when photographed. Needs crop geometry
+  (a ``BankBatch``).
+
+Translation: the object's centre (the centre of its box, not of the letterbox canvas; mirrored
+when flipped) is drawn uniformly inside the valid region's box of the target image (the tight box
+of ``~padding_mask``, or the whole image), so every pasted object is at least partly inside the
+valid region (entirely inside it when the region is a rectangle, as with large-scale jitter, and
+the object's half-size is smaller than the distance to the border).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+from instbank.types import BankBatch
+
+ScaleMode = Literal["relative", "native"]
+Blend = Literal["hard", "gaussian", "none"]
+
+SCALE_MODES = ("relative", "native")
+BLENDS = ("hard", "gaussian", "none")
+
+
+@dataclass(frozen=True, eq=False)
+class CropGeometry:
+    """What the plan needs to know about ``B x K`` staged crops (no pixels).
+
+    - ``class_ids``: int64 ``[B, K]``
+    - ``crop_size``: ``S`` of the ``S x S`` canvas
+    - ``object_box``: float32 ``[B, K, 4]`` the object's box ``x0, y0, x1, y1`` in crop pixels
+    - ``source_side``: float32 ``[B, K]`` the object's longer side in its source image, or ``None``
+      when unknown (then only ``scale_mode="relative"`` is possible)
+    """
+
+    class_ids: torch.Tensor
+    crop_size: int
+    object_box: torch.Tensor
+    source_side: torch.Tensor | None = None
+
+    @classmethod
+    def from_bank_batch(cls, batch: BankBatch) -> CropGeometry:
+        """Exact geometry from the bank: object box = ``offset .. offset + source size * scale``."""
+        size = batch.object_size.float()
+        lo = batch.offset.float()
+        box = torch.cat([lo, lo + size * batch.scale.float()[..., None]], dim=-1)
+        return cls(batch.class_ids.long(), int(batch.pixels.shape[-1]), box, size.amax(dim=-1))
+
+    @classmethod
+    def from_alpha(cls, alpha: torch.Tensor, class_ids: torch.Tensor) -> CropGeometry:
+        """Geometry read off uint8 alpha ``[B, K, S, S]``: the tight box of ``alpha > 0``.
+
+        Used for packed ``[B, K, 5, S, S]`` tensors, which carry no source geometry.
+        """
+        s = alpha.shape[-1]
+        return cls(class_ids.long(), int(s), tight_boxes(alpha > 0))
+
+
+def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """float32 ``[..., 4]`` tight ``x0, y0, x1, y1`` (pixel corners: ``x1 = max column + 1``) of bool
+    masks ``[..., H, W]``; an empty mask gives zeros. Vectorised, no host synchronisation."""
+    h, w = masks.shape[-2:]
+    cols = masks.any(dim=-2)
+    rows = masks.any(dim=-1)
+    xs = torch.arange(w, device=masks.device, dtype=torch.int64)
+    ys = torch.arange(h, device=masks.device, dtype=torch.int64)
+    if w == 0 or h == 0:  # empty reductions below have no identity
+        return torch.zeros((*masks.shape[:-2], 4), dtype=torch.float32, device=masks.device)
+    x0 = torch.where(cols, xs, w).amin(dim=-1)
+    x1 = torch.where(cols, xs + 1, 0).amax(dim=-1)
+    y0 = torch.where(rows, ys, h).amin(dim=-1)
+    y1 = torch.where(rows, ys + 1, 0).amax(dim=-1)
+    box = torch.stack([x0, y0, x1, y1], dim=-1).float()
+    return torch.where(cols.any(dim=-1)[..., None], box, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class PastePlan:
+    """Placement of ``K`` crops in each of ``B`` target images; every tensor on the images' device.
+
+    Read by both ``paste_image`` implementations (see ``instbank.paste.reference`` for the math):
+
+    - ``apply``: bool ``[B, K]`` paste ``(b, k)`` happens
+    - ``scale``: float32 ``[B, K]`` target pixels per crop pixel (> 0)
+    - ``inv_scale``: float32 ``[B, K]`` ``1 / scale``, computed once here so that both impls map
+      coordinates with bit-identical inputs (never divide in a kernel)
+    - ``translate``: float32 ``[B, K, 2]`` target ``(x, y)`` of the canvas's corner ``(0, 0)``
+    - ``flip``: bool ``[B, K]`` horizontal flip of the crop
+
+    Used around the compositing:
+
+    - ``labels``: int64 ``[B, K]`` class id of each paste
+    - ``sigma``: float32 ``[B, K]`` Gaussian blur of the crop alpha, in crop pixels (0: none)
+    - ``blend``: ``"hard"`` | ``"gaussian"`` | ``"none"`` (see ``instbank.paste.prepare_alpha``)
+    - ``blur_radius``: half-width in crop pixels of the Gaussian kernels, ``ceil(3 * max sigma)``
+      of the range drawn from (fixed by the configuration, so no host sync to size the kernel)
+    - ``canvas_boxes``: float32 ``[B, K, 4]`` target rectangle ``x0, y0, x1, y1`` of the canvas
+    - ``object_boxes``: float32 ``[B, K, 4]`` target box of the object (unclipped, before blur)
+    - ``image_size``: ``(H, W)``; ``crop_size``: ``S``
+    """
+
+    apply: torch.Tensor
+    scale: torch.Tensor
+    inv_scale: torch.Tensor
+    translate: torch.Tensor
+    flip: torch.Tensor
+    labels: torch.Tensor
+    sigma: torch.Tensor
+    canvas_boxes: torch.Tensor
+    object_boxes: torch.Tensor
+    blend: str
+    blur_radius: int
+    image_size: tuple[int, int]
+    crop_size: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.apply.shape[0])
+
+    @property
+    def num_pastes(self) -> int:
+        return int(self.apply.shape[1])
+
+    def to(self, device, non_blocking: bool = False) -> PastePlan:
+        """Copy of the plan with every tensor on ``device``."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+        return PastePlan(**values)
+
+
+def draw_plan(
+    source: BankBatch | CropGeometry,
+    image_size: tuple[int, int],
+    generator: torch.Generator | None = None,
+    *,
+    prob: float = 1.0,
+    scale_range: tuple[float, float] = (0.1, 0.5),
+    scale_mode: ScaleMode = "relative",
+    flip_prob: float = 0.5,
+    blend: Blend = "gaussian",
+    sigma_range: tuple[float, float] = (0.5, 2.0),
+    padding_mask: torch.Tensor | None = None,
+    valid_box: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> PastePlan:
+    """Draw a random placement for every staged crop; vectorised over ``B x K``, no host sync.
+
+    Args:
+        source: the staged crops' geometry (a ``BankBatch``, or ``CropGeometry.from_alpha`` for
+            tensors without geometry).
+        image_size: ``(H, W)`` of the target images.
+        generator: a ``torch.Generator`` on the target device (``None``: torch's default RNG).
+            All random numbers come from one ``torch.rand`` call, so a seed fixes the whole plan.
+        prob: probability that each of the ``K`` crops is pasted (independently).
+        scale_range: ``(lo, hi)``, ``0 < lo <= hi``, of the log-uniform factor ``f`` (see the
+            module docstring for what ``f`` means in each ``scale_mode``).
+        flip_prob: probability of a horizontal flip per paste.
+        blend: ``"gaussian"`` draws ``sigma`` uniform in ``sigma_range`` (crop pixels) per paste;
+            ``"hard"`` and ``"none"`` set ``sigma = 0``.
+        padding_mask: optional bool ``[B, H, W]``, True = padding; object centres are drawn inside
+            the tight box of the non-padding pixels; an all-padding image gets no paste.
+        valid_box: optional float ``[B, 4]`` ``x0, y0, x1, y1`` region for the object centres,
+            instead of the box derived from ``padding_mask``.
+        device: where the plan lives (default: the source tensors' device).
+    """
+    _check_args(scale_range, scale_mode, blend, sigma_range, prob, flip_prob)
+    geometry = CropGeometry.from_bank_batch(source) if isinstance(source, BankBatch) else source
+    dev = torch.device(device) if device is not None else geometry.class_ids.device
+    h, w = int(image_size[0]), int(image_size[1])
+    b, k = geometry.class_ids.shape
+    obj = geometry.object_box.to(dev, torch.float32)
+    rand = torch.rand((b, k, 6), generator=generator, device=dev)
+
+    side_crop = (obj[..., 2:] - obj[..., :2]).amax(dim=-1)
+    factor = _log_uniform(rand[..., 1], scale_range)
+    if scale_mode == "relative":
+        target_side = factor * float(min(h, w))
+    else:
+        if geometry.source_side is None:
+            raise ValueError("scale_mode='native' needs crop geometry (a BankBatch); got crops without it")
+        target_side = factor * geometry.source_side.to(dev, torch.float32)
+    has_object = side_crop > 0
+    scale = target_side / torch.where(has_object, side_crop, 1.0)
+    inv_scale = 1.0 / scale
+    flip = rand[..., 2] < flip_prob
+
+    region, region_ok = _valid_region(b, h, w, dev, padding_mask, valid_box)
+    centre = region[:, None, :2] + rand[..., 3:5] * (region[:, None, 2:] - region[:, None, :2])
+    s = float(geometry.crop_size)
+    obj_cx = (obj[..., 0] + obj[..., 2]) * 0.5
+    obj_cx = torch.where(flip, s - obj_cx, obj_cx)
+    obj_cy = (obj[..., 1] + obj[..., 3]) * 0.5
+    translate = centre - torch.stack([obj_cx, obj_cy], dim=-1) * scale[..., None]
+
+    apply = (rand[..., 0] < prob) & has_object & region_ok[:, None]
+    if blend == "gaussian":
+        sigma = sigma_range[0] + rand[..., 5] * (sigma_range[1] - sigma_range[0])
+    else:
+        sigma = torch.zeros_like(scale)
+    return PastePlan(
+        apply=apply,
+        scale=scale,
+        inv_scale=inv_scale,
+        translate=translate,
+        flip=flip,
+        labels=geometry.class_ids.to(dev, torch.int64),
+        sigma=sigma,
+        canvas_boxes=torch.cat([translate, translate + (scale * s)[..., None]], dim=-1),
+        object_boxes=_object_boxes_in_target(obj, translate, scale, flip, s),
+        blend=blend,
+        blur_radius=math.ceil(3 * sigma_range[1]) if blend == "gaussian" else 0,
+        image_size=(h, w),
+        crop_size=int(geometry.crop_size),
+    )
+
+
+def _check_args(scale_range, scale_mode, blend, sigma_range, prob, flip_prob) -> None:
+    lo, hi = scale_range
+    if not (0 < lo <= hi and math.isfinite(hi)):
+        raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range}")
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+    if not (0 <= sigma_range[0] <= sigma_range[1]):
+        raise ValueError(f"sigma_range must satisfy 0 <= lo <= hi, got {sigma_range}")
+    for name, p in (("prob", prob), ("flip_prob", flip_prob)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+def _log_uniform(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    return torch.exp(lo + u * (hi - lo))
+
+
+def _valid_region(b, h, w, dev, padding_mask, valid_box) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[B, 4]`` region for object centres and bool ``[B]`` "region not empty"."""
+    if valid_box is not None:
+        box = valid_box.to(dev, torch.float32).reshape(b, 4)
+        return box, (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+    if padding_mask is None:
+        box = torch.tensor([0.0, 0.0, float(w), float(h)], device=dev).expand(b, 4)
+        return box, torch.ones(b, dtype=torch.bool, device=dev)
+    valid = ~padding_mask.to(dev, torch.bool)
+    return tight_boxes(valid), valid.flatten(1).any(dim=1)
+
+
+def _object_boxes_in_target(obj, translate, scale, flip, s) -> torch.Tensor:
+    """Map crop-pixel object boxes ``[B, K, 4]`` to the target (mirrored in x when flipped)."""
+    x0 = torch.where(flip, s - obj[..., 2], obj[..., 0])
+    x1 = torch.where(flip, s - obj[..., 0], obj[..., 2])
+    box = torch.stack([x0, obj[..., 1], x1, obj[..., 3]], dim=-1)
+    return box * scale[..., None] + translate.repeat(1, 1, 2)

@@ -1,0 +1,68 @@
+"""Build progress: a rich progress bar on a terminal, plain lines otherwise (CI logs, pipes)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+#: Plain-mode line interval in seconds: often enough to see a build move, rare enough for logs.
+PLAIN_EVERY_S = 5.0
+
+
+@contextmanager
+def build_progress(total_images: int, stream=None) -> Iterator[Callable[[int, int], None]]:
+    """Yield ``update(images, crops)`` (increments) that drives a progress display on stderr."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        with _rich_progress(total_images, stream) as update:
+            yield update
+    else:
+        with _plain_progress(total_images, stream) as update:
+            yield update
+
+
+@contextmanager
+def _rich_progress(total: int, stream):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    state = {"crops": 0, "t0": time.perf_counter()}
+    progress = Progress(
+        TextColumn("[bold]building"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+        TextColumn("{task.fields[crops]} crops"), TextColumn("{task.fields[rate]} crops/s"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(file=stream), transient=False,
+    )
+    task = progress.add_task("build", total=total, crops=0, rate="-")
+
+    def update(images: int, crops: int) -> None:
+        state["crops"] += crops
+        rate = state["crops"] / max(time.perf_counter() - state["t0"], 1e-9)
+        progress.update(task, advance=images, crops=state["crops"], rate=f"{rate:.0f}")
+
+    with progress:
+        yield update
+
+
+@contextmanager
+def _plain_progress(total: int, stream):
+    state = {"images": 0, "crops": 0, "t0": time.perf_counter(), "last": 0.0}
+
+    def line() -> None:
+        dt = time.perf_counter() - state["t0"]
+        stream.write(f"building: {state['images']}/{total} images, {state['crops']} crops, "
+                     f"{state['crops'] / max(dt, 1e-9):.0f} crops/s, {dt:.1f}s\n")
+        stream.flush()
+
+    def update(images: int, crops: int) -> None:
+        state["images"] += images
+        state["crops"] += crops
+        now = time.perf_counter()
+        if now - state["last"] >= PLAIN_EVERY_S:
+            state["last"] = now
+            line()
+
+    yield update
+    line()

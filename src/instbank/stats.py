@@ -1,0 +1,110 @@
+"""What is in a bank: counts, classes, source object sizes, bytes on disk (``instbank stats``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# COCO's size buckets (area in source pixels): small < 32^2 <= medium < 96^2 <= large.
+SIZE_BUCKETS = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
+
+
+def _bytes_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def bank_stats(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-able summary of the bank at ``path`` (any backend)."""
+    from instbank.storage import open_bank
+
+    bank = open_bank(path)
+    m = bank.manifest
+    meta = bank.meta_table
+    freqs = bank.class_frequencies
+    area = meta["area"].astype(np.float64)
+    sizes = {name: int(((area >= lo) & (area < hi)).sum()) for name, lo, hi in SIZE_BUCKETS}
+    quantiles = {f"p{q}": float(np.percentile(area, q)) for q in (5, 25, 50, 75, 95)} if len(area) else {}
+    side = np.maximum(meta["src_box"][:, 2] - meta["src_box"][:, 0], meta["src_box"][:, 3] - meta["src_box"][:, 1])
+    raw = int(len(bank)) * 4 * bank.crop_size[0] * bank.crop_size[1]
+    on_disk = _bytes_on_disk(bank.path)
+    return {
+        "path": str(bank.path),
+        "backend": m["backend"],
+        "version": bank.version,
+        "format_version": m["format_version"],
+        "num_crops": len(bank),
+        "crop_size": list(bank.crop_size),
+        "num_classes": bank.num_classes,
+        "class_names": bank.class_names,
+        "class_frequencies": freqs.tolist(),
+        "classes_without_crops": int((freqs == 0).sum()),
+        "num_images": int(len(np.unique(meta["image_id"]))) if len(meta) else 0,
+        "truncated_fraction": float(meta["truncated"].mean()) if len(meta) else 0.0,
+        "area_buckets": sizes,
+        "area_quantiles": quantiles,
+        "upscaled_fraction": float((side < bank.crop_size[0]).mean()) if len(meta) else 0.0,
+        "bytes_on_disk": on_disk,
+        "bytes_raw": raw,
+        "compression": (raw / on_disk) if on_disk else None,
+        "num_shards": len(m["shards"]),
+        "backend_options": m.get("backend_options", {}),
+        "skipped": m.get("skipped", {}),
+        "build": {k: v for k, v in m.get("build", {}).items() if k not in ("skip_examples",)},
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def print_stats(s: dict[str, Any], top: int = 10) -> None:
+    """Readable tables of ``bank_stats`` output on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_row("bank", s["path"])
+    head.add_row("version", f"{s['version']}  (format {s['format_version']}, {s['num_shards']} shard(s))")
+    head.add_row("crops", f"{s['num_crops']} of {s['crop_size'][0]}x{s['crop_size'][1]} from {s['num_images']} images")
+    head.add_row("classes", f"{s['num_classes']} ({s['classes_without_crops']} without crops)")
+    head.add_row("on disk", f"{_human_bytes(s['bytes_on_disk'])} (raw {_human_bytes(s['bytes_raw'])}"
+                 + (f", {s['compression']:.2f}x" if s["compression"] else "") + f", {s['backend_options'] or {}})")
+    b = s["area_buckets"]
+    head.add_row("object sizes", f"small {b['small']}, medium {b['medium']}, large {b['large']} (COCO area buckets); "
+                 f"truncated {100 * s['truncated_fraction']:.1f}%, upscaled {100 * s['upscaled_fraction']:.1f}%")
+    if s["area_quantiles"]:
+        head.add_row("area quantiles", ", ".join(f"{k} {v:.0f}" for k, v in s["area_quantiles"].items()) + " px")
+    skipped = s["skipped"]
+    head.add_row("skipped", (f"{sum(skipped.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))) if skipped else "none")
+    build = s["build"]
+    head.add_row("build", ", ".join(f"{k}={build[k]}" for k in ("source", "kind", "size", "backend", "workers", "exif") if k in build))
+    if build.get("filters"):
+        head.add_row("filters", ", ".join(f"{k}={v}" for k, v in build["filters"].items()))
+    console.print(head)
+
+    freqs = np.asarray(s["class_frequencies"])
+    order = np.argsort(-freqs, kind="stable")
+    order = order[freqs[order] > 0]  # empty classes are counted in the header, not listed
+    table = Table(title="classes by crop count", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("id", justify="right")
+    table.add_column("class")
+    table.add_column("crops", justify="right")
+    table.add_column("share", justify="right")
+    total = max(int(freqs.sum()), 1)
+    shown = list(order[:top]) + ([None] if len(order) > 2 * top else []) + list(order[max(top, len(order) - top):])
+    for c in shown:
+        if c is None:
+            table.add_row("...", "", "", "", "")
+            continue
+        rank = int(np.flatnonzero(order == c)[0]) + 1
+        table.add_row(str(rank), str(int(c)), s["class_names"][c], str(int(freqs[c])), f"{100 * freqs[c] / total:.1f}%")
+    console.print(table)

@@ -1,0 +1,332 @@
+"""WebDataset backend: standard tar shards, streamable with ``webdataset`` and randomly accessible.
+
+Each build shard holds one or more tar files written by ``webdataset.ShardWriter``; any
+WebDataset pipeline (local paths, ``pipe:``/object-storage urls) can stream them, and the bank's
+own reader gets random access through an index of member offsets written beside the tars, so a
+read is one ``mmap`` slice per crop, with no tar parsing.
+
+Payload layout of one shard (beside the common ``meta.npy``/``digests.npy``/``shard.json``):
+
+| file / member            | layout                                                              |
+|--------------------------|---------------------------------------------------------------------|
+| bank-%06d.tar            | ustar archives (512-byte header blocks), cut at ``maxcount`` samples |
+|                          | or ``maxsize`` bytes, mtime 0 (same crops -> same bytes)             |
+| KEY.cls                  | class id, ASCII decimal                                             |
+| KEY.json                 | the crop's meta row (``META_DTYPE`` fields) as a JSON object         |
+| KEY.rgba.zst             | codec ``zstd`` (default): one zstd frame (content size, checksum) of |
+|                          | the crop, uint8 ``[4, S, S]`` C order; ``zstd -d`` gives raw RGBA    |
+| KEY.rgba                 | codec ``raw``: the crop's ``4*S*S`` bytes as they are                |
+| KEY.png                  | codec ``png``: an RGBA PNG (``S x S``), opens in any image viewer     |
+| index.npy                | ``INDEX_DTYPE [n]``: per crop, tar number, data offset, data size   |
+
+``KEY`` = ``{shard dir}-{shard-local index:09d}`` (e.g. ``000003-000001234``): unique in the bank,
+sorted like the global index, no dot (WebDataset splits the key from the extension at the first
+dot). Members of one sample are written in sorted order: ``.cls``, ``.json``, then pixels.
+
+``shard.json["payload"]`` = ``{"tars": [{"file", "size", "count"}], "index": "index.npy",
+"codec", "member", "level"}``; the manifest's ``backend_options`` holds codec, level, maxcount and
+maxsize. The reader checks that every tar has its recorded size and that the index fits inside.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import tarfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zstandard
+
+from instbank.errors import BankError
+from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, save_npy_atomic
+from instbank.storage.lmdb_bank import zstd_decode_into
+from instbank.types import META_DTYPE, BankCrop, CropMeta
+
+TAR_PATTERN = "bank-%06d.tar"
+INDEX = "index.npy"
+INDEX_DTYPE = np.dtype([("tar", "<i4"), ("offset", "<i8"), ("size", "<i8")])
+MEMBERS = {"zstd": "rgba.zst", "raw": "rgba", "png": "png"}
+# One tar per 1 GB by default: big enough for streaming throughput, small enough to spread
+# over DataLoader workers and nodes (WebDataset splits a bank by tar file).
+DEFAULT_OPTIONS: Mapping[str, Any] = {"codec": "zstd", "level": 3, "maxcount": 100_000, "maxsize": 1_000_000_000}
+
+
+def _writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown webdataset backend options {unknown}; valid: {sorted(DEFAULT_OPTIONS)}")
+    merged = {**DEFAULT_OPTIONS, **options}
+    if merged["codec"] not in MEMBERS:
+        raise ValueError(f"webdataset codec must be one of {sorted(MEMBERS)}, got {merged['codec']!r}")
+    for name in ("maxcount", "maxsize"):
+        if not isinstance(merged[name], int) or merged[name] < 1:
+            raise ValueError(f"webdataset {name} must be a positive integer, got {merged[name]!r}")
+    if merged["codec"] != "zstd":
+        del merged["level"]  # recorded only where it means something
+    return merged
+
+
+def check_codec(options: Mapping[str, Any], where: Path) -> None:
+    """Refuse a codec this reader does not know (``BankError`` naming ``where``)."""
+    if options.get("codec") not in MEMBERS:
+        raise BankError(
+            f"{where}: unknown webdataset codec {options.get('codec')!r} (this instbank reads {', '.join(MEMBERS)})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# member codecs
+
+
+def meta_to_json(row: np.void) -> dict[str, Any]:
+    """One META_DTYPE row as plain JSON types (floats round-trip exactly through ``repr``)."""
+    return {
+        "image_id": int(row["image_id"]),
+        "ann_id": int(row["ann_id"]),
+        "class_id": int(row["class_id"]),
+        "src_box": [int(v) for v in row["src_box"]],
+        "scale": float(row["scale"]),
+        "offset": [float(v) for v in row["offset"]],
+        "area": int(row["area"]),
+        "truncated": bool(row["truncated"]),
+    }
+
+
+def encode_png(crop: np.ndarray) -> bytes:
+    """uint8 ``[4, S, S]`` RGBA -> RGBA PNG bytes."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(crop[[2, 1, 0, 3]].transpose(1, 2, 0)))  # cv2 is BGRA
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png_into(data, dest: np.ndarray, where: str) -> None:
+    """Decode an RGBA PNG into ``dest`` uint8 ``[4, S, S]``; ``BankError`` naming ``where`` on fault."""
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    s = dest.shape[-1]
+    if img is None or img.shape != (s, s, 4):
+        got = "undecodable" if img is None else f"shape {img.shape}"
+        raise BankError(f"{where}: stored PNG is {got}, expected a {s}x{s} RGBA image (corrupt)")
+    dest[...] = img.transpose(2, 0, 1)[[2, 1, 0, 3]]
+
+
+def decode_member_into(codec: str, data, dest: np.ndarray, where: str) -> None:
+    """Decode one pixel member (any buffer) into ``dest`` uint8 ``[4, S, S]``."""
+    if codec == "zstd":
+        zstd_decode_into(data, dest.reshape(-1), where)
+    elif codec == "raw":
+        if len(data) != dest.nbytes:
+            raise BankError(f"{where}: stored crop has {len(data)} bytes, expected {dest.nbytes} (corrupt)")
+        dest.reshape(-1)[:] = np.frombuffer(data, np.uint8)
+    else:
+        decode_png_into(data, dest, where)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+class Writer:
+    """Writes samples through ``webdataset.ShardWriter``; indexes each tar once it is closed."""
+
+    def __init__(self, shard_dir: Path, crop_size: int, options: Mapping[str, Any]):
+        import webdataset as wds
+
+        self.options = _writer_options(options)
+        self.backend_options = dict(self.options)
+        self.shard_dir = Path(shard_dir)
+        self.crop_size = crop_size
+        self.codec = self.options["codec"]
+        self.member = MEMBERS[self.codec]
+        if self.codec == "zstd":
+            self._compressor = zstandard.ZstdCompressor(
+                level=self.options["level"], write_checksum=True, write_content_size=True
+            )
+        self._tars: list[dict] = []
+        self._index: list[np.ndarray] = []
+        self._indexed = 0
+        self._n = 0
+        self._sink = wds.ShardWriter(
+            str(self.shard_dir / TAR_PATTERN), maxcount=self.options["maxcount"], maxsize=self.options["maxsize"],
+            post=self._index_tar, verbose=0, mtime=0,
+        )  # fmt: skip
+
+    def _encode(self, crop: np.ndarray) -> bytes:
+        if self.codec == "zstd":
+            return self._compressor.compress(crop.data)
+        if self.codec == "raw":
+            return crop.tobytes()
+        return encode_png(crop)
+
+    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int) -> None:
+        rgba = np.ascontiguousarray(rgba)
+        prefix = self.shard_dir.name
+        for k in range(len(rgba)):
+            self._sink.write(
+                {
+                    "__key__": f"{prefix}-{first_index + k:09d}",
+                    "cls": str(int(meta[k]["class_id"])),
+                    "json": json.dumps(meta_to_json(meta[k])),
+                    self.member: self._encode(rgba[k]),
+                }
+            )
+        self._n += len(rgba)
+
+    def _index_tar(self, fname: str) -> None:
+        """``post`` hook of ShardWriter: one pass over the closed tar records each pixel member's
+        data offset (``TarInfo.offset_data``) and size."""
+        number = len(self._tars)
+        expected = self._indexed
+        rows = []
+        with tarfile.open(fname) as tf:
+            for info in tf:
+                key, _, member = info.name.partition(".")
+                if member != self.member:
+                    continue
+                if int(key.rpartition("-")[2]) != expected + len(rows):
+                    raise BankError(f"{fname}: member {info.name} is out of order (expected crop {expected + len(rows)})")
+                rows.append((number, info.offset_data, info.size))
+        self._index.append(np.array(rows, INDEX_DTYPE))
+        self._indexed += len(rows)
+        self._tars.append({"file": Path(fname).name, "size": Path(fname).stat().st_size, "count": len(rows)})
+
+    def close(self) -> dict:
+        self._sink.close()
+        index = np.concatenate(self._index) if self._index else np.empty(0, INDEX_DTYPE)
+        if len(index) != self._n:
+            raise BankError(f"{self.shard_dir}: indexed {len(index)} pixel members in the tars, wrote {self._n}")
+        save_npy_atomic(self.shard_dir / INDEX, index)
+        return {
+            "tars": self._tars,
+            "index": INDEX,
+            "codec": self.codec,
+            "member": self.member,
+            **({"level": self.options["level"]} if "level" in self.options else {}),
+        }
+
+    def abort(self) -> None:
+        self._sink.post = None  # no index for a tar cut short
+        self._sink.close()
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+class _TarShard:
+    """Memory maps of one shard's tars plus its member index."""
+
+    def __init__(self, paths: list[Path], maps: list[mmap.mmap], index: np.ndarray, codec: str):
+        self.paths, self.maps, self.index, self.codec = paths, maps, index, codec
+        self.views = [np.frombuffer(m, np.uint8) for m in maps]
+
+    def read(self, local: np.ndarray, out: np.ndarray) -> None:
+        rows = self.index[local]
+        for k, (tar, offset, size) in enumerate(rows.tolist()):
+            data = self.views[tar][offset : offset + size]
+            decode_member_into(self.codec, data, out[k], f"{self.paths[tar]} member of crop {int(local[k])}")
+
+    def close(self) -> None:
+        self.views = []  # the arrays export the maps' buffers: drop them before closing the maps
+        for m in self.maps:
+            m.close()
+
+
+def _map_tar(path: Path, expected: int) -> mmap.mmap:
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size != expected:
+                raise BankError(f"{path}: tar file has {size} bytes, expected {expected} (truncated?)")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise BankError(f"{path}: tar file missing") from None
+
+
+def _load_index(path: Path, num_crops: int, tars: list[dict]) -> np.ndarray:
+    try:
+        index = np.load(path)
+    except (OSError, ValueError) as e:
+        raise BankError(f"{path}: cannot read the tar member index ({e})") from None
+    if index.dtype != INDEX_DTYPE or len(index) != num_crops:
+        raise BankError(f"{path}: expected {num_crops} index rows of {INDEX_DTYPE}, found {len(index)} of {index.dtype}")
+    if len(index):
+        if index["tar"].min() < 0 or index["tar"].max() >= len(tars):
+            raise BankError(f"{path}: refers to tar files the shard does not have")
+        sizes = np.array([t["size"] for t in tars], np.int64)
+        if (index["offset"] + index["size"] > sizes[index["tar"]]).any():
+            raise BankError(f"{path}: member offsets point past the end of their tar files")
+    return index
+
+
+def decode_sample(sample: dict, crop_size: int, codec: str) -> BankCrop:
+    """A WebDataset sample dict (raw member bytes) -> ``BankCrop`` (module-level: picklable)."""
+    where = f"{sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
+    member = MEMBERS[codec]
+    if member not in sample or "json" not in sample:
+        raise BankError(f"{where}: missing .{member} or .json member (not an instbank {codec} tar?)")
+    rgba = np.empty((4, crop_size, crop_size), np.uint8)
+    decode_member_into(codec, sample[member], rgba, where)
+    row = np.zeros((), META_DTYPE)
+    for name, value in json.loads(sample["json"]).items():
+        row[name] = value
+    return BankCrop(rgba, int(row["class_id"]), CropMeta.from_row(row), None)
+
+
+class Reader(ShardedBank):
+    """Random access through the member index; :meth:`stream` for sequential WebDataset reads."""
+
+    backend = "webdataset"
+
+    def __init__(self, path, manifest: dict | None = None):
+        super().__init__(path, manifest)
+        options = self.manifest.get("backend_options", {})
+        check_codec(options, self.path / MANIFEST)
+        self.codec = options["codec"]
+
+    def _open_payload(self, shard_dir: Path, shard: dict) -> _TarShard:
+        payload = shard["payload"]
+        check_codec(payload, shard_dir / SHARD_MANIFEST)
+        index = _load_index(shard_dir / payload["index"], shard["num_crops"], payload["tars"])
+        paths = [shard_dir / t["file"] for t in payload["tars"]]
+        maps = [_map_tar(p, t["size"]) for p, t in zip(paths, payload["tars"])]
+        return _TarShard(paths, maps, index, payload["codec"])
+
+    def _read(self, handle: _TarShard, local: np.ndarray, out: np.ndarray) -> None:
+        handle.read(local, out)
+
+    def tar_paths(self) -> list[Path]:
+        """Every tar file of the bank, in global index order."""
+        return [sdir / t["file"] for sdir, shard, _ in self.iter_shards() for t in shard["payload"]["tars"]]
+
+    def stream(self, shuffle: int = 0, resampled: bool = False, urls=None, seed: int | None = None):
+        """A ``webdataset.WebDataset`` pipeline yielding ``BankCrop``s, split by node and worker.
+
+        - ``shuffle``: sample shuffle buffer size (0: bank order within each tar); when > 0 the
+          tar order is shuffled too.
+        - ``resampled``: draw tars with replacement, forever (for ``with_epoch`` style training).
+        - ``urls``: tar urls to read (default: this bank's files); any WebDataset url works, e.g.
+          ``pipe:aws s3 cp s3://bucket/bank/shards/000000/bank-000000.tar -``.
+
+        Without ``resampled``, every crop comes once per epoch over all DataLoader workers and
+        ranks together (tars are dealt out by ``split_by_node`` then ``split_by_worker``: give at
+        least ``workers x ranks`` tars, via ``maxcount``, or some workers stay idle).
+        """
+        import webdataset as wds
+
+        urls = [str(p) for p in self.tar_paths()] if urls is None else urls
+        shard_shuffle = False if (resampled or not shuffle) else max(len(urls), 1)
+        pipeline = wds.WebDataset(
+            urls, shardshuffle=shard_shuffle, resampled=resampled, nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker, empty_check=False, seed=seed,
+        )  # fmt: skip
+        if shuffle:
+            pipeline = pipeline.shuffle(shuffle)
+        return pipeline.map(partial(decode_sample, crop_size=self._s, codec=self.codec))

@@ -1,0 +1,95 @@
+"""The command line: build/stats on the shipped sample, lazy imports, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SAMPLE_COCO, SAMPLE_YOLO
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "instbank.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "120"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from instbank.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, ['build', '--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'triton', 'lmdb', 'webdataset', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_build_and_stats_json(tmp_path):
+    out = tmp_path / "bank"
+    proc = run_cli("build", "--coco", str(SAMPLE_COCO), "--out", str(out), "--size", "32", "--workers", "1")
+    assert "kept 54 crops from 8 images" in proc.stderr and "skipped 1: crowd 1" in proc.stderr
+    stats = json.loads(run_cli("stats", str(out), "--json").stdout)
+    for key in ("num_crops", "crop_size", "num_classes", "class_names", "class_frequencies", "version", "backend", "skipped"):
+        assert key in stats
+    assert stats["num_crops"] == 54 and stats["crop_size"] == [32, 32] and stats["num_classes"] == 80
+    assert stats["skipped"] == {"crowd": 1} and stats["version"].startswith("memmap@")
+    text = run_cli("stats", str(out)).stdout
+    assert "person" in text and stats["version"] in text
+
+
+def test_build_yolo_with_config_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("build:\n  size: 24\n  min-area: 50\n")
+    out = tmp_path / "bank"
+    run_cli("build", "--yolo", str(SAMPLE_YOLO), "--out", str(out), "--config", str(cfg), "--size", "16")
+    stats = json.loads(run_cli("stats", str(out), "--json").stdout)
+    assert stats["crop_size"] == [16, 16]  # the command line wins over the config file
+    assert stats["build"]["filters"]["min_area"] == 50
+
+
+def test_script_wrapper_runs_the_same_build(tmp_path):
+    out = tmp_path / "bank"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_instance_bank.py"), "--coco", str(SAMPLE_COCO),
+                    "--out", str(out), "--size", "16", "--workers", "1"], check=True, capture_output=True)
+    assert (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["build", "--coco", "nope.json", "--out", "{tmp}/b"], ["nope.json"]),
+        (["build", "--coco", str(SAMPLE_COCO), "--out", "{tmp}/b", "--backend", "zip"], ["backend", "memmap"]),
+        (["build", "--out", "{tmp}/b"], ["--coco"]),
+        (["stats", "{tmp}/missing"], ["missing"]),
+        (["build", "--coco", str(SAMPLE_COCO), "--out", "{tmp}/b", "--config", "{tmp}/no.yaml"], ["no.yaml"]),
+    ],
+)
+def test_errors_are_one_line(tmp_path, args, needles):
+    proc = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], check=False)
+    assert_one_line_error(proc, *[n.replace("{tmp}", str(tmp_path)) for n in needles])
+
+
+def test_existing_bank_is_refused(tmp_path):
+    args = ["build", "--coco", str(SAMPLE_COCO), "--out", str(tmp_path / "b"), "--size", "16", "--workers", "1"]
+    run_cli(*args)
+    assert_one_line_error(run_cli(*args, check=False), "already exists", "--overwrite")
+    run_cli(*args, "--overwrite")
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run_cli("--debug", "stats", str(tmp_path / "missing"), check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,136 @@
+"""BankCopyPaste and BankSource: staging from a BankBatch or a packed tensor, outputs, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instbank.paste import BankCopyPaste, BankSource, CopyPasteConfig, paste
+from instbank.paste.annotations import boxes_from_masks
+from instbank.types import BankBatch
+
+H, W = 48, 64
+
+
+def bank_batch(b=2, k=3, s=16, num_classes=5, class_ids=None):
+    """Crops whose alpha box is exactly the geometry's object box: 12 x 8 at offset (2, 4)."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (b, k, 4, s, s), dtype=torch.uint8, generator=g)
+    pixels[:, :, 3] = 0
+    pixels[:, :, 3, 4:12, 2:14] = 255
+    ids = torch.arange(b * k).view(b, k) % num_classes if class_ids is None else class_ids
+    return BankBatch(
+        pixels=pixels,
+        class_ids=ids,
+        indices=torch.arange(b * k).view(b, k),
+        src_box=torch.tensor([10.0, 20.0, 34.0, 36.0]).expand(b, k, 4).clone(),  # 24 x 16 at source
+        scale=torch.full((b, k), 0.5),
+        offset=torch.tensor([2.0, 4.0]).expand(b, k, 2).clone(),
+        num_classes=num_classes,
+    )
+
+
+def images(b=2):
+    return torch.randint(0, 256, (b, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def seeded(seed=7):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_packed_tensor_and_bank_batch_give_the_same_result():
+    batch = bank_batch()
+    module = BankCopyPaste(scale_range=(0.2, 0.5))
+    module.set_bank_batch(batch)
+    a = module(images(), generator=seeded())
+    module.set_bank_batch(batch.packed())
+    b = module(images(), generator=seeded())
+    for key in ("images", "masks", "boxes", "labels", "valid"):
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("dtype", [None, torch.int32, torch.float32])
+def test_more_than_255_classes_survive_packing(dtype):
+    ids = torch.tensor([[0, 255, 1202], [300, 1000, 7]])
+    batch = bank_batch(num_classes=1203, class_ids=ids)
+    # a float plane is built by casting: BankBatch.packed(float dtype) trips on torch.finfo.nmant
+    packed = batch.packed(torch.int32).to(dtype) if dtype is torch.float32 else batch.packed(dtype)
+    assert packed.dtype == (dtype or torch.int16)
+    source = BankSource(scale_range=(0.2, 0.5))
+    source.set_bank_batch(packed)
+    staged = source.sample((H, W), seeded())
+    assert torch.equal(staged.plan.labels, ids)
+    assert torch.equal(staged.crops, batch.pixels)
+
+
+def test_forward_outputs_existing_then_pasted_and_paints_semantic():
+    batch = bank_batch()
+    masks = torch.zeros((2, 2, H, W), dtype=torch.bool)
+    masks[:, 0, 5:25, 5:30] = True
+    masks[:, 1, 30:40, 40:60] = True
+    labels = torch.tensor([[9, 8], [7, 6]])
+    semantic = torch.full((2, H, W), 255, dtype=torch.int64)
+    module = BankCopyPaste(CopyPasteConfig(scale_range=(0.3, 0.6), blend="hard"))
+    module.set_bank_batch(batch)
+    out = module(images(), masks=masks, labels=labels, semantic=semantic, generator=seeded())
+    assert out["masks"].shape == (2, 5, H, W) and out["boxes"].shape == (2, 5, 4)
+    assert torch.equal(out["labels"], torch.cat([labels, batch.class_ids], dim=1))
+    assert torch.equal(out["masks"][:, 2:], out["paste_masks"])
+    assert torch.equal(out["masks"][:, :2], masks & ~out["paste_masks"].any(dim=1, keepdim=True))
+    assert torch.equal(out["boxes"][:, 2:], boxes_from_masks(out["paste_masks"])[0])
+    assert out["paste_valid"].any()
+    for bi, ki in out["paste_masks"].any(dim=(2, 3)).nonzero().tolist():
+        region = out["paste_masks"][bi, ki]
+        assert (out["semantic"][bi][region] == batch.class_ids[bi, ki]).all()
+    untouched = ~out["paste_masks"].any(dim=1)
+    assert torch.equal(out["semantic"][untouched], semantic[untouched])
+
+
+def test_plan_in_the_output_replays_the_images():
+    module = BankCopyPaste(scale_range=(0.2, 0.5), blend="gaussian")
+    batch = bank_batch()
+    module.set_bank_batch(batch)
+    first = module(images(), generator=seeded(3))
+    again, _ = paste(images(), batch.pixels, first["plan"], impl="torch")
+    assert torch.equal(first["images"], again)
+    second = module(images(), generator=seeded(3))
+    assert torch.equal(first["images"], second["images"])
+
+
+def test_native_scale_keeps_the_source_size():
+    source = BankSource(scale_mode="native", scale_range=(1.0, 1.0))
+    source.set_bank_batch(bank_batch())
+    plan = source.sample((H, W), seeded()).plan
+    size = plan.object_boxes[..., 2:] - plan.object_boxes[..., :2]
+    assert torch.allclose(size, torch.tensor([24.0, 16.0]).expand_as(size))
+    source.set_bank_batch(bank_batch().packed())
+    with pytest.raises(ValueError, match="native"):
+        source.sample((H, W), seeded())
+
+
+def test_uint8_existing_masks_keep_their_dtype_and_padding_is_respected():
+    module = BankCopyPaste(scale_range=(0.3, 0.6))
+    module.set_bank_batch(bank_batch())
+    masks = torch.ones((2, 1, H, W), dtype=torch.uint8)
+    padding = torch.zeros((2, H, W), dtype=torch.bool)
+    padding[:, :, W // 2 :] = True
+    out = module(images(), masks=masks, labels=torch.zeros(2, 1), padding_mask=padding, generator=seeded())
+    assert out["masks"].dtype == torch.uint8
+    assert not out["paste_masks"][..., W // 2 :].any()
+    assert torch.equal(out["images"][..., W // 2 :], images()[..., W // 2 :])
+
+
+def test_errors_are_clear():
+    module = BankCopyPaste()
+    with pytest.raises(RuntimeError, match="set_bank_batch"):
+        module(images())
+    module.set_bank_batch(bank_batch(b=3))
+    with pytest.raises(ValueError, match="B=3 staged"):
+        module(images(b=2))
+    with pytest.raises(ValueError, match="packed"):
+        module.set_bank_batch(torch.zeros(2, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match="impl"):
+        BankCopyPaste(impl="cuda")
+    module.set_bank_batch(bank_batch())
+    with pytest.raises(ValueError, match="labels are required"):
+        module(images(), masks=torch.zeros(2, 1, H, W, dtype=torch.bool))
