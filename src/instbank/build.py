@@ -92,7 +92,7 @@ def build_shard(
     writer = ShardWriter(Path(shard_dir), config.backend, config.size, config.backend_options)
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
-    rotated = 0
+    rotated = size_mismatch = 0
     try:
         for record in images:
             try:
@@ -106,6 +106,11 @@ def build_shard(
                     progress(1, 0)
                 continue
             rotated += orientation != 1
+            if record.width and (record.width, record.height) != (image.shape[1], image.shape[0]):
+                # The file wins (it is what gets cut); the annotations may be off, so say so.
+                size_mismatch += 1
+                _example(examples, "size_mismatch", f"{record.path}: file is {image.shape[1]}x{image.shape[0]}, "
+                         f"annotations say {record.width}x{record.height}")
             pixels, meta, instance_skips = cut_image(image, record, config.size, config.filters)
             writer.append(pixels, meta)
             skipped.update(instance_skips)
@@ -122,14 +127,21 @@ def build_shard(
         writer.abort()
         raise
     try:
-        return writer.close(skipped, {"num_images": len(images), "skip_examples": examples, "exif_rotated": rotated})
+        return writer.close(skipped, {"num_images": len(images), "skip_examples": examples, "exif_rotated": rotated,
+                                       "size_mismatch": size_mismatch})
     except OSError as e:
         raise _write_error(e, shard_dir) from None
 
 
+def _example(examples: dict[str, list[str]], reason: str, text: str) -> None:
+    items = examples.setdefault(reason, [])
+    if len(items) < MAX_EXAMPLES:
+        items.append(text)
+
+
 def _write_error(e: OSError, where: str | os.PathLike) -> BuildError:
     name = e.filename or where
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # EFBIG: a file size limit (ulimit -f)
         return BuildError(f"{name}: disk full while writing the bank (no manifest written; free space and rerun with --resume)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BuildError(f"{name}: output is not writable ({e.strerror})")
@@ -250,16 +262,20 @@ def _make_plan(dataset: Dataset, out: Path, config: BuildConfig, workers: int, r
 def _finish(dataset, out, config, names, ranges, reused, strict, t0, workers) -> BuildReport:
     skipped: Counter = Counter(dataset.skipped)
     examples: dict[str, list[str]] = {}
-    rotated = 0
+    rotated = size_mismatch = 0
     for name in names:
         info = json.loads((out / SHARDS_DIR / name / "shard.json").read_text())
         skipped.update(info["skipped"])
         rotated += info.get("exif_rotated", 0)
+        size_mismatch += info.get("size_mismatch", 0)
         for reason, items in info.get("skip_examples", {}).items():
             examples.setdefault(reason, []).extend(items[: MAX_EXAMPLES - len(examples.get(reason, []))])
     notes = []  # what the build itself found; the reader's notes are in dataset.notes
     if rotated:
         notes.append(f"{rotated} image(s) carried an EXIF orientation; pixels were {'rotated to follow it' if config.exif == 'follow' else 'kept as stored (--exif ignore)'}")
+    if size_mismatch:
+        notes.append(f"{size_mismatch} image file(s) differ in size from their annotation's width/height; "
+                     "the file was followed (see skip_examples['size_mismatch'])")
     if strict and skipped:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
         raise BuildError(f"{dataset.source}: --strict and {sum(skipped.values())} item(s) were skipped ({detail}); no manifest written")

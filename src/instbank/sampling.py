@@ -51,8 +51,14 @@ _NAMES_SHOWN = 20
 def class_crop_weights(counts: np.ndarray, weighting: str, t: float = 1e-3) -> np.ndarray:
     """float64 ``[C]``: the weight ``w_c`` of each crop of class ``c`` under ``weighting``
     (see the module docstring), from int ``[C]`` crop counts; 0 for classes with no crops."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    if weighting == "repeat_factor" and not t > 0:
+        raise ValueError(f"repeat_factor threshold t must be > 0, got {t}")
     counts = np.asarray(counts, np.float64)
     present = counts > 0
+    if not present.any():
+        return np.zeros_like(counts)
     safe = np.where(present, counts, 1.0)
     if weighting == "uniform":
         w = np.ones_like(safe)
@@ -60,12 +66,8 @@ def class_crop_weights(counts: np.ndarray, weighting: str, t: float = 1e-3) -> n
         w = 1.0 / safe
     elif weighting == "sqrt":
         w = safe**-0.5
-    elif weighting == "repeat_factor":
-        if not t > 0:
-            raise ValueError(f"repeat_factor threshold t must be > 0, got {t}")
+    else:  # repeat_factor, with f_c the fraction of the eligible crops that are of class c
         w = np.maximum(1.0, np.sqrt(t / (safe / counts.sum())))
-    else:
-        raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     return np.where(present, w, 0.0)
 
 

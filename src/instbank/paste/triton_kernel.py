@@ -83,7 +83,7 @@ def _taps_1d(u):
     """
     uf = u - 0.5
     i0f = tl.floor(uf)
-    frac = tl.floor((uf - i0f) * 256.0)
+    frac = tl.floor((uf - i0f) * 255.0)
     frac = tl.minimum(tl.maximum(frac, 0.0), 255.0).to(tl.int32)
     i0 = tl.minimum(tl.maximum(i0f, -2.0), 1048576.0).to(tl.int32)
     return i0, frac
@@ -228,7 +228,7 @@ def _store_channel(out_px, img_px, acc, transmit, inside, OUT_UINT8: tl.constexp
     clamp to 0..255; floats: cast)."""
     value = acc + transmit * tl.load(img_px, mask=inside, other=0).to(tl.float32)
     if OUT_UINT8:
-        value = tl.minimum(tl.maximum(tl.floor(value), 0.0), 255.0).to(tl.uint8)
+        value = tl.minimum(tl.maximum(tl.floor(value + 0.5), 0.0), 255.0).to(tl.uint8)
     else:
         value = value.to(out_px.dtype.element_ty)
     tl.store(out_px, value, mask=inside)
