@@ -296,7 +296,9 @@ def test_coco_duplicate_image_ids_is_an_error(tmp_path):
     assert_one_line_naming(e, path)
 
 
-@pytest.mark.parametrize("second", [ann(7), ann(7, image_id=99), ann(7, segmentation=[])], ids=["kept", "unknown-image", "empty"])
+@pytest.mark.parametrize(
+    "second", [ann(7), ann(7, image_id=99), ann(7, segmentation=[])], ids=["kept", "unknown-image", "empty"]
+)
 def test_coco_duplicate_annotation_ids_is_an_error(tmp_path, second):
     path = write(tmp_path, {"images": [IMAGE], "annotations": [ann(7), second], "categories": CATEGORIES})
     with pytest.raises(InputError, match="duplicate annotation id 7") as e:

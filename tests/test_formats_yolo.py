@@ -130,7 +130,8 @@ def test_coco128_seg_background_images_and_orphan_labels():
     assert len(ds.images) == len(images) == 128
     matched = [root / "labels" / "train2017" / f"{stem}.txt" for stem in labels & images]
     assert ds.num_instances == count_lines(matched) == 929
-    assert ds.skipped == Counter({"image_without_label": len(images - labels), "label_without_image": len(labels - images)})
+    expected = {"image_without_label": len(images - labels), "label_without_image": len(labels - images)}
+    assert ds.skipped == Counter(expected)
     assert len(images - labels) == 2 and len(labels - images) == 2
     empty = {Path(im.path).stem for im in ds.images if not im.instances}
     assert empty == images - labels == {"000000000250", "000000000508"}
@@ -158,8 +159,8 @@ def test_image_extensions_are_case_insensitive_and_others_ignored(tmp_path):
 
 
 def test_ann_ids_are_image_id_times_a_million_plus_line_number(tmp_path):
-    make(tmp_path, ["images/a.jpg", "images/b.jpg"], {"labels/a.txt": f"0 {TRIANGLE}",
-                                                    "labels/b.txt": f"\n1 {TRIANGLE}\nbad\n2 {TRIANGLE}\n"})  # fmt: skip
+    labels = {"labels/a.txt": f"0 {TRIANGLE}", "labels/b.txt": f"\n1 {TRIANGLE}\nbad\n2 {TRIANGLE}\n"}
+    make(tmp_path, ["images/a.jpg", "images/b.jpg"], labels)
     ds = read_yolo(write_yaml(tmp_path, {"train": "images", "names": ["a", "b", "c"]}))
     assert [[i.ann_id for i in im.instances] for im in ds.images] == [[0], [1_000_001, 1_000_003]]
     assert [i.class_id for i in ds.images[1].instances] == [1, 2]
@@ -264,8 +265,9 @@ def test_file_level_reasons_are_flagged():
 
 
 def test_directory_split_subdirs_and_splits_selection(tmp_path):
-    make(tmp_path, ["images/train/a.jpg", "images/val/b.jpg", "images/test/c.jpg"],
-         {f"labels/{s}/{n}.txt": f"{i} {TRIANGLE}" for i, (s, n) in enumerate([("train", "a"), ("val", "b"), ("test", "c")])})  # fmt: skip
+    splits = [("train", "a"), ("val", "b"), ("test", "c")]
+    labels = {f"labels/{s}/{n}.txt": f"{i} {TRIANGLE}" for i, (s, n) in enumerate(splits)}
+    make(tmp_path, [f"images/{s}/{n}.jpg" for s, n in splits], labels)
     assert len(read_yolo(tmp_path).images) == 3
     ds = read_yolo(tmp_path, splits=["val", "train"])
     assert [Path(im.path).name for im in ds.images] == ["a.jpg", "b.jpg"]  # sorted paths, not split order
@@ -315,7 +317,8 @@ def test_yaml_absolute_root_and_no_root(tmp_path):
     make(tmp_path, ["images/a.jpg"], {"labels/a.txt": f"0 {TRIANGLE}"})
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    assert read_yolo(write_yaml(elsewhere, {"path": str(tmp_path), "train": "images", "names": ["a"]})).num_instances == 1
+    absolute = write_yaml(elsewhere, {"path": str(tmp_path), "train": "images", "names": ["a"]})
+    assert read_yolo(absolute).num_instances == 1
     assert read_yolo(write_yaml(tmp_path, {"train": "images", "names": ["a"]})).num_instances == 1
 
 

@@ -131,6 +131,10 @@ def test_errors_are_clear():
         module.set_bank_batch(torch.zeros(2, 3, 4, 8, 8))
     with pytest.raises(ValueError, match="impl"):
         BankCopyPaste(impl="cuda")
+    with pytest.raises(ValueError, match="scale_range"):
+        CopyPasteConfig(scale_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match="blend"):
+        CopyPasteConfig(blend="poisson")
     module.set_bank_batch(bank_batch())
     with pytest.raises(ValueError, match="labels are required"):
         module(images(), masks=torch.zeros(2, 1, H, W, dtype=torch.bool))

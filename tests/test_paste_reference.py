@@ -196,6 +196,13 @@ def test_float_images_keep_dtype_value_range_and_memory_format(dtype):
     assert images.abs().sum() == 0  # not modified in place
 
 
+def test_uint8_output_saturates_when_value_range_exceeds_255():
+    crop = solid_crop(1, (200, 100, 0))
+    images = torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
+    out, _ = paste_image(images, crop, make_plan([[[0.0, 0.0]]], [[1.0]]), value_range=510.0)
+    assert out[0, :, 0, 0].tolist() == [255, 200, 0]
+
+
 @pytest.mark.parametrize("b,k", [(0, 2), (2, 0), (0, 0)])
 def test_empty_batch_or_no_pastes(b, k):
     images = torch.randint(0, 256, (b, 3, 5, 7), dtype=torch.uint8)
@@ -213,12 +220,16 @@ def test_rectangles_equal_the_full_canvas_spec(seed):
     b, k, s, h, w = 2, 3, 9, 23, 31
     crops = torch.randint(0, 256, (b, k, 4, s, s), dtype=torch.uint8, generator=g)
     crops[:, :, 3] *= (torch.rand(b, k, s, s, generator=g) < 0.7).to(torch.uint8)
+    crops[:, :, 3, :2] = 0  # alpha support smaller than the canvas, RGB around it still read
+    crops[:, :, 3, :, -3:] = 0
     geometry = CropGeometry.from_alpha(crops[:, :, 3], torch.zeros(b, k, dtype=torch.int64))
     plan = draw_plan(geometry, (h, w), g, scale_range=(0.2, 2.5), prob=0.8, blend="none")
     padding = torch.rand(b, h, w, generator=g) < 0.2 if seed % 2 else None
     dtype = (torch.uint8, torch.float32)[seed % 2]
     images = torch.rand(b, 3, h, w, generator=g) * 255
     images = images.to(torch.uint8) if dtype == torch.uint8 else images / 255
+    if seed % 3 == 0:
+        images = images.contiguous(memory_format=torch.channels_last)
     out, vis = paste_image(images, crops, plan, padding_mask=padding)
     want_out, want_vis = spec_full_canvas(images, crops, plan, padding)
     assert torch.equal(vis, want_vis)
@@ -257,6 +268,20 @@ def test_gaussian_blend_blurs_per_paste_and_sigma_zero_is_identity():
     blurred = alpha[1].float()
     assert blurred[7, 7] > 200 and 0 < blurred[4, 7] < 128 and blurred[7, 4] == blurred[7, 10]
     assert blurred.sum().item() == pytest.approx(crops[0, 1, 3].float().sum().item(), rel=0.02)
+
+
+def test_gaussian_blend_matmul_and_convolution_paths_agree():
+    # radius 1: crops up to 8 * 3 = 24 px blur by banded matmul, larger ones by convolution
+    small = torch.zeros((1, 1, 4, 20, 20), dtype=torch.uint8)
+    small[0, 0, 3, 8:12, 7:13] = 255
+    large = torch.zeros((1, 1, 4, 30, 30), dtype=torch.uint8)
+    large[0, 0, 3, 13:17, 12:18] = 255
+    plan = make_plan([[[0.0, 0.0]]], [[1.0]], s=20, blend="gaussian", sigma=[[0.3]])
+    assert plan.blur_radius == 1
+    a = prepare_alpha(small, plan)[0, 0, 3]
+    b = prepare_alpha(large, plan)[0, 0, 3]
+    assert torch.equal(a, b[5:25, 5:25]) and b.sum() == a.sum()
+    assert 0 < a[7, 9] < 255 and a[9, 9] == 255
 
 
 def test_paste_dispatch_prepares_alpha_then_composites():
@@ -358,7 +383,7 @@ def test_existing_instances_are_cut_refit_and_dropped_in_line():
     boxes = torch.tensor([[[0, 0, 4, 4], [0, 5, 10, 10], [5, 0, 10, 2], [3, 3, 10, 5]]], dtype=torch.float32)
     existing = Instances(masks, boxes, torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.bool))
     kept = occlude_instances(existing, covered, min_visible=0.1)
-    assert kept.masks.dtype == torch.uint8 and kept.masks.shape == masks.shape
+    assert kept.masks.dtype == torch.bool and kept.masks.shape == masks.shape
     assert kept.labels.tolist() == [[1, 2, 3, 4]]
     assert kept.valid.tolist() == [[False, True, True, True]]
     assert kept.boxes[0].tolist() == [[0, 0, 0, 0], [0, 5, 3, 10], [5, 0, 6, 1], [3, 3, 10, 5]]

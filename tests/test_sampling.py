@@ -23,7 +23,8 @@ EMPTY_CLASS = N_CLASSES - 1
 @pytest.fixture(scope="module")
 def tail_bank(tmp_path_factory):
     cids = np.repeat(np.arange(N_CLASSES), TAIL_COUNTS)
-    return write_synthetic_bank(tmp_path_factory.mktemp("tail") / "bank", len(cids), size=4, num_classes=N_CLASSES, class_ids=cids)
+    path = tmp_path_factory.mktemp("tail") / "bank"
+    return write_synthetic_bank(path, len(cids), size=4, num_classes=N_CLASSES, class_ids=cids)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +280,8 @@ def sampler_args(draw):
         "seed": draw(st.integers(0, 2**32)),
         "classes": draw(st.none() | st.lists(st.integers(0, N_CLASSES - 1), min_size=1, max_size=4)),
         "class_weights": draw(
-            st.none() | st.dictionaries(st.integers(0, N_CLASSES - 1), st.sampled_from([0.0, 1e-6, 0.5, 3.0]), max_size=3)
+            st.none()
+            | st.dictionaries(st.integers(0, N_CLASSES - 1), st.sampled_from([0.0, 1e-6, 0.5, 3.0]), max_size=3)
         ),
         "min_area": draw(st.integers(0, 24)),  # synthetic areas are 12..22 at size 4
         "allow_truncated": draw(st.booleans()),
@@ -336,3 +338,41 @@ def test_numpy_batches_hold_the_sampled_crops(tail_bank):
         np.testing.assert_array_equal(batch["offset"], meta["offset"][idx].astype(np.float32))
         assert batch["pixels"].dtype == np.uint8 and batch["pixels"].shape == (3, 5, 4, 4, 4)
         assert batch["src_box"].dtype == batch["scale"].dtype == batch["offset"].dtype == np.float32
+
+
+def test_random_access_batches_from_keyed_generators(tail_bank):
+    # The Keras PyDataset pattern of docs/sampling.md: batch i from its own (seed, epoch, i) key.
+    sampler = BankSampler(tail_bank, 4, 3, "class_balanced", seed=6)
+
+    def batch(epoch, i):
+        return sampler.numpy_batch(sampler.draw(np.random.default_rng([sampler.seed, epoch, i]), sampler.batch_size))
+
+    again = batch(0, 5)
+    np.testing.assert_array_equal(batch(0, 5)["pixels"], again["pixels"])
+    assert again["indices"].shape == (4, 3)
+    assert not np.array_equal(batch(0, 6)["indices"], again["indices"])
+    assert not np.array_equal(batch(1, 5)["indices"], again["indices"])
+
+
+def _rank_of_sampler_in_process_group(rank: int, world_size: int, store_path: str, bank_path: str, out_dir: str):
+    import torch.distributed as dist
+
+    from instbank import open_bank
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    try:
+        sampler = BankSampler(open_bank(bank_path), 4, 2)
+        np.save(f"{out_dir}/rank{rank}.npy", np.array([sampler.rank, sampler.world_size]))
+        np.save(f"{out_dir}/draw{rank}.npy", next(iter(sampler)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_and_world_size_come_from_torch_distributed(tail_bank, tmp_path):
+    import torch.multiprocessing as mp
+
+    args = (2, str(tmp_path / "store"), str(tail_bank.path), str(tmp_path))
+    mp.start_processes(_rank_of_sampler_in_process_group, args=args, nprocs=2, start_method="fork")
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), [rank, 2])
+    assert not np.array_equal(np.load(tmp_path / "draw0.npy"), np.load(tmp_path / "draw1.npy"))

@@ -33,7 +33,9 @@ def banks(tmp_path_factory):
         if backend not in cache:
             path = tmp_path_factory.mktemp(backend) / "bank"
             # Two shards: a step's indices span both, so get_many takes its multi-shard path too.
-            cache[backend] = write_synthetic_bank(path, 500, size=SIZE, num_classes=5, backend=backend, shard_sizes=[300, 200])
+            cache[backend] = write_synthetic_bank(
+                path, 500, size=SIZE, num_classes=5, backend=backend, shard_sizes=[300, 200]
+            )
         return cache[backend]
 
     return get
@@ -68,27 +70,41 @@ def assert_batch_matches_bank(batch: BankBatch, indices: np.ndarray, bank) -> No
     assert batch.num_classes == 5
 
 
-# Every backend under fork and under spawn (which pickles the bank: the reader must travel as a
-# path); forkserver pickles the same way, so one backend shows it works (each spawn/forkserver
-# loader costs seconds: two workers import torch).
-LOADER_CASES = [
-    *[(backend, None, 0) for backend in BACKENDS],
-    *[(backend, "fork", 2) for backend in BACKENDS],
-    *[pytest.param(backend, "spawn", 2, marks=pytest.mark.slow) for backend in BACKENDS],
-    pytest.param("memmap", "forkserver", 2, marks=pytest.mark.slow),
-]
-
-
-@pytest.mark.parametrize(("backend", "context", "num_workers"), LOADER_CASES)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize(("context", "num_workers"), [(None, 0), ("fork", 2)])
 def test_dataloader_batches_are_the_sampled_crops(banks, backend, context, num_workers):
     bank = banks(backend)
     loader = bank_loader(
-        bank, 3, 4, num_workers=num_workers, multiprocessing_context=context, weighting="sqrt", seed=3, steps_per_epoch=STEPS
+        bank, 3, 4, num_workers=num_workers, multiprocessing_context=context,
+        weighting="sqrt", seed=3, steps_per_epoch=STEPS,
     )
     batches = list(loader)
     assert len(batches) == len(loader) == STEPS
     expected = round_robin(loader.dataset.sampler, num_workers)
     for batch, indices in zip(batches, expected, strict=True):
+        assert_batch_matches_bank(batch, indices, bank)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_pickling_start_methods_read_every_backend(banks, context):
+    # spawn/forkserver pickle the dataset, so each bank must travel as a path. One loader chains
+    # every backend: a loader with these start methods costs seconds (each worker imports torch).
+    available = [b for b in BACKENDS if importlib.util.find_spec(BACKENDS[b]) is not None]
+    stagings = [
+        BankStaging(banks(b), BankSampler(banks(b), 3, 4, "sqrt", seed=i, steps_per_epoch=STEPS), pin_memory=False)
+        for i, b in enumerate(available)
+    ]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.ChainDataset(stagings), batch_size=None, num_workers=2, multiprocessing_context=context
+    )
+    # Each worker runs through the chain (its share of every backend's steps); the loader takes
+    # the workers' batches in turn.
+    per_worker = [[(st.bank, idx) for st in stagings for idx in st.sampler.for_worker(w, 2)] for w in range(2)]
+    expected = [item for turn in itertools.zip_longest(*per_worker) for item in turn if item is not None]
+    batches = list(loader)
+    assert len(batches) == STEPS * len(available)
+    for batch, (bank, indices) in zip(batches, expected, strict=True):
         assert_batch_matches_bank(batch, indices, bank)
 
 
@@ -108,6 +124,33 @@ def test_plain_iteration_keeps_earlier_batches_intact(memmap_bank):
     for batch, indices in zip(kept, sampler, strict=True):
         assert_batch_matches_bank(batch, indices, memmap_bank)
         assert not batch.pixels.is_pinned()  # pin_memory=None: pinned only when CUDA is available
+
+
+def test_buffers_are_reused_only_once_released(memmap_bank):
+    sampler = BankSampler(memmap_bank, 4, 2, steps_per_epoch=8)
+    expected = list(sampler)
+    it = iter(BankStaging(memmap_bank, sampler, pin_memory=False))
+    first = next(it)
+    address = first.pixels.data_ptr()
+    part = first.pixels[1]  # a tensor view outlives the batch
+    array = first.pixels.numpy()[0]  # and so does an array made from it
+    del first
+    second = next(it)
+    assert second.pixels.data_ptr() != address
+    np.testing.assert_array_equal(decode_index(part.numpy()), expected[0][1])
+    np.testing.assert_array_equal(decode_index(array), expected[0][0])
+    del part, array, second
+    third = next(it)
+    assert third.pixels.data_ptr() == address  # released: the first buffer is recycled
+    assert_batch_matches_bank(third, expected[2], memmap_bank)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_pin_memory_without_cuda_stages_unpinned(memmap_bank):
+    sampler = BankSampler(memmap_bank, 2, 2, steps_per_epoch=1)
+    (batch,) = list(BankStaging(memmap_bank, sampler, pin_memory=True))
+    assert not batch.pixels.is_pinned()
+    assert_batch_matches_bank(batch, next(iter(sampler)), memmap_bank)
 
 
 def test_staging_agrees_with_numpy_batches(memmap_bank):

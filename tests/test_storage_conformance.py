@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -219,7 +220,9 @@ def tiny_banks(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize(
+    "start_method", ["fork", pytest.param("spawn", marks=pytest.mark.slow), pytest.param("forkserver", marks=pytest.mark.slow)]
+)
 def test_dataloader_workers_read_what_the_parent_reads(tiny_banks, start_method):
     from torch.utils.data import DataLoader
 
@@ -273,6 +276,37 @@ def test_lmdb_map_grows_while_writing(tmp_path, monkeypatch):
     bank = open_bank(tmp_path / "bank")
     assert bank.manifest["shards"][0]["payload"]["size"] > 64 << 10
     np.testing.assert_array_equal(bank.get_many(np.arange(60)), crops)
+
+
+def test_lmdb_fork_while_another_thread_reads(banks):
+    # The fork hook closes every environment: it must wait for reads in flight in other threads,
+    # and a read that looked its handle up before the fork must not use the closed environment.
+    bank = banks["lmdb"]
+    expected = bank.get_many(np.arange(N))
+    stop, failures = threading.Event(), []
+
+    def read_until_stopped():
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            idx = rng.integers(0, N, 64)
+            try:
+                if not np.array_equal(bank.get_many(idx), expected[idx]):
+                    failures.append(idx)
+            except Exception as e:  # noqa: BLE001 - reported by the assertion below
+                failures.append(e)
+
+    thread = threading.Thread(target=read_until_stopped)
+    thread.start()
+    try:
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if np.array_equal(bank.get_many(np.arange(N)), expected) else 1)
+            assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
 
 
 def test_lmdb_records_its_codec(banks):

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
+import cv2
+
 from instbank.crops import CropFilters, ImageSkip, cut_image, decode_image
 from instbank.errors import BuildError
 from instbank.storage.base import (
@@ -37,6 +39,9 @@ from instbank.storage.base import (
     write_json_atomic,
 )
 from instbank.types import Dataset, ImageRecord
+
+#: Counted in the report but nothing is dropped: the image is kept with no instances.
+KEPT_IMAGE_REASONS = frozenset({"image_without_label", "empty_label_file"})
 
 PLAN_FILE = "build.json"
 LOCK_FILE = ".lock"
@@ -276,9 +281,11 @@ def _finish(dataset, out, config, names, ranges, reused, strict, t0, workers) ->
     if size_mismatch:
         notes.append(f"{size_mismatch} image file(s) differ in size from their annotation's width/height; "
                      "the file was followed (see skip_examples['size_mismatch'])")
-    if strict and skipped:
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
-        raise BuildError(f"{dataset.source}: --strict and {sum(skipped.values())} item(s) were skipped ({detail}); no manifest written")
+    # Background images (no label file, or an empty one) are kept, not lost: not a --strict failure.
+    lost = {k: v for k, v in skipped.items() if k not in KEPT_IMAGE_REASONS}
+    if strict and lost:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(lost.items()))
+        raise BuildError(f"{dataset.source}: --strict and {sum(lost.values())} item(s) were skipped ({detail}); no manifest written")
     build_info = {**config.to_json(), "source": dataset.source, "kind": dataset.kind, "workers": workers,
                   "num_images": len(dataset.images), "skip_examples": examples, "notes": dataset.notes + notes}
     manifest = assemble_manifest(out, config.backend, config.size, dataset.classes, names, build_info, skipped)
@@ -311,6 +318,9 @@ _progress_queue = None
 def _init_worker(queue) -> None:
     global _progress_queue
     _progress_queue = queue
+    # OpenCV runs resize/cvtColor on its own thread pool (cv2.getNumThreads() = cores); with one
+    # process per core those threads only oversubscribe the cores.
+    cv2.setNumThreads(1)
 
 
 def _worker_progress(images: int, crops: int) -> None:

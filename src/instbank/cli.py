@@ -41,6 +41,7 @@ _BUILD_DEFAULTS: dict[str, Any] = {
     "ray_address": None,
     "codec": None,
     "strict": False,
+    "splits": None,
 }
 
 
@@ -92,6 +93,7 @@ def build(
     engine: Optional[str] = typer.Option(None, "--engine", help="local | ray [local]."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (engine ray)."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec (lmdb/webdataset), e.g. zstd, raw, png."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="YOLO data.yaml splits, e.g. train,val [all]."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
     resume: bool = typer.Option(False, "--resume", help="Keep finished shards of an interrupted build."),
@@ -126,7 +128,8 @@ def build(
     else:
         from instbank.formats.yolo import read_yolo
 
-        dataset = read_yolo(yolo, box_masks=bool(opts["box_masks"]))
+        split_list = opts["splits"].split(",") if isinstance(opts["splits"], str) else opts["splits"]
+        dataset = read_yolo(yolo, box_masks=bool(opts["box_masks"]), splits=split_list)
     _err(f"read {dataset.kind} {dataset.source}: {len(dataset.images)} images, {dataset.num_instances} instances, "
          f"{len(dataset.classes)} classes ({time.perf_counter() - t_read:.1f}s)")
     for note in dataset.notes:
@@ -187,6 +190,51 @@ def stats(
 
         plot_stats(bank, plot)
         _err(f"wrote {plot}")
+
+
+@app.command()
+def preview(
+    bank: Path = typer.Argument(..., help="Bank directory."),
+    out: Path = typer.Option(..., "--out", help="PNG contact sheet to write."),
+    per_class: int = typer.Option(8, "--per-class", min=1, help="Crops shown per class."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class names or ids (default: every class with crops)."),
+    sort: str = typer.Option("area", "--sort", help="Which crops of a class: area (largest first) | random."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --sort random."),
+    html: bool = typer.Option(False, "--html", help="Also write a static page (sheet + per-class counts) beside the PNG."),
+) -> None:
+    """Draw a contact sheet of the crops, one row per class."""
+    from instbank.errors import InputError
+    from instbank.preview import write_preview
+
+    wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    wanted = [int(c) if c.isdigit() else c for c in wanted] if wanted else None
+    try:
+        result = write_preview(bank, out, per_class=per_class, classes=wanted, sort=sort, seed=seed, html_page=html)
+    except ValueError as e:  # an unknown class or sort: name the bank it was checked against
+        raise InputError(f"{bank}: {e}") from None
+    _err(f"wrote {result.png} ({result.size[0]}x{result.size[1]}, {len(result.rows)} classes)"
+         + (f" and {result.html}" if result.html else ""))
+
+
+@app.command("paste-demo")
+def paste_demo(
+    bank: Path = typer.Argument(..., help="Bank directory."),
+    coco: Optional[Path] = typer.Option(None, "--coco", help="COCO json: its images, with their instances."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of pictures (or the images dir for --coco)."),
+    out: Path = typer.Option(..., "--out", help="PNG to write (original | pasted, one row per image)."),
+    n: int = typer.Option(4, "--n", min=1, help="Images."),
+    k: int = typer.Option(6, "--k", min=0, help="Crops pasted into each image."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the crop draw and the placement."),
+    size: int = typer.Option(512, "--size", min=32, help="Side of the square batch the images are letterboxed into."),
+) -> None:
+    """Paste bank crops into real images with BankCopyPaste and draw before | after."""
+    from instbank.errors import InputError
+    from instbank.paste_demo import render_paste_demo
+
+    if coco is None and images is None:
+        raise InputError("paste-demo: give --coco ANN.json or --images DIR")
+    result = render_paste_demo(bank, out, coco=coco, images=images, n=n, k=k, seed=seed, canvas=size)
+    _err(f"wrote {result.summary()}")
 
 
 def _err(line: str) -> None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import io
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 
 from instbank.types import META_DTYPE, ImageRecord, InstanceRecord
 
@@ -153,37 +152,198 @@ def rle_mask_in_box(rle: dict, height: int, width: int) -> tuple[np.ndarray, int
     return _tighten(strip.astype(np.uint8), col0, 0)
 
 
-def polygon_mask_in_box(
-    polygons: tuple[np.ndarray, ...], height: int, width: int
-) -> tuple[np.ndarray, int, int] | None:
-    """Rasterize polygon parts (source pixels) with COCO's own rasterizer, inside their clipped box.
+# COCO's polygon rasterizer, maskApi.c ``rleFrPoly``, ported to numpy and vectorised over every
+# part of every instance of an image. It walks each edge on a grid 5x finer than the pixels and
+# toggles the mask where the walk crosses a pixel-centre column; we compute only those crossings
+# (about 1 in 5 walk points) with the same float64 expressions, so the masks are bit-identical to
+# ``mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, H, W)))`` cut to the box,
+# and no full-image mask, RLE string or per-instance pycocotools call is made (that path cost
+# 0.28 ms per instance on coco_tiny, mostly call overhead; this one ~0.1 ms, docs/perf/build.md).
+_GRID = 5.0
 
-    ``maskApi.c`` ``rleFrPoly`` first quantizes each vertex to ``(int)(5*x + .5)`` in doubles, then
-    works in exact integer arithmetic, which is invariant to shifts by whole pixels. Shifting the
-    float vertices would change that first rounding at large coordinates (212.7*5 rounds to 1063.5,
-    (212.7-212)*5 to 3.4999...), so we quantize in image coordinates, shift the integers, and pass
-    values that quantize back to exactly those integers. The edge walk that follows still adds the
-    absolute start row in doubles (``(int)(ys + s*t + .5)``), so a boundary pixel can differ from
-    the full-image mask where that sum ties at .5 (measured: a few pixels in 1 of ~300 instances).
+
+def _walk_u(sx: np.ndarray, slope: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Minor-axis walk coordinate ``(int)(sx + slope*t + .5)`` (C truncates toward zero)."""
+    return np.trunc(sx + slope * t + 0.5)
+
+
+def _x_major_crossings(sx, sy, slope, steps, width):
+    """Crossings of edges walked one grid column per step: ``u = sx + t``, ``v = (int)(sy + s*t + .5)``.
+    All float64 ``[e]``; returns ``(edge, column, v_min)`` with ``v_min`` the upper walk point's row."""
+    first = np.maximum(np.ceil((sx - 2) / _GRID), 0)  # column c is crossed between u = 5c+2 and 5c+3
+    last = np.minimum(np.floor((sx + steps - 3) / _GRID), width - 1)
+    edge, column = _expand(first, last)
+    t = _GRID * column + 2 - sx[edge]
+    v = np.trunc(sy[edge] + slope[edge] * t + 0.5)
+    v_next = np.trunc(sy[edge] + slope[edge] * (t + 1) + 0.5)
+    return edge, column, np.minimum(v, v_next)
+
+
+def _y_major_crossings(sx, sy, slope, steps, width):
+    """Crossings of edges walked one grid row per step: ``v = sy + t``, ``u = (int)(sx + s*t + .5)``
+    (monotone in ``t``, steps of at most 1). Same arrays and result as ``_x_major_crossings``."""
+    u0, u1 = _walk_u(sx, slope, 0.0), _walk_u(sx, slope, steps)
+    first = np.maximum(np.ceil((np.minimum(u0, u1) - 2) / _GRID), 0)
+    last = np.minimum(np.floor((np.maximum(u0, u1) - 3) / _GRID), width - 1)
+    edge, column = _expand(first, last)
+    sx, s, n = sx[edge], slope[edge], steps[edge]
+    rising = s > 0
+    boundary = _GRID * column + 2  # last u before the crossing (rising), first u after (falling)
+
+    def before(t):  # is walk point t still on the near side of the column?
+        u = _walk_u(sx, s, t)
+        return np.where(rising, u <= boundary, u > boundary)
+
+    # Solve u(t) = boundary + .5 for t, then fix the float rounding by one step either way.
+    estimate = (boundary + 0.5 - sx) / s
+    t = np.clip(np.where(rising, np.ceil(estimate) - 1, np.floor(estimate)), 0, n - 1)
+    t = np.where(before(t), t, t - 1)
+    t = np.where(before(t + 1) & (t + 1 < n), t + 1, t)
+    return edge, column, sy[edge] + t
+
+
+def _expand(first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(edge, value)`` for every integer value in ``[first, last]`` of every edge (float64 bounds)."""
+    counts = np.maximum(last - first + 1, 0).astype(np.int64)
+    edge = np.repeat(np.arange(len(counts)), counts)
+    offset = np.arange(len(edge)) - (np.cumsum(counts) - counts)[edge]
+    return edge, first[edge] + offset
+
+
+def _column_crossings(vertices: np.ndarray, part_sizes: np.ndarray, height: int, width: int):
+    """Where each part's boundary toggles the mask, as ``rleFrPoly`` finds it.
+
+    ``vertices`` float64 ``[V, 2]`` (x, y) of every part in turn, ``part_sizes`` int64 ``[P]``.
+    Returns int64 ``(part, x, y)``, ``x`` in ``[0, W)``, ``y`` in ``[0, H]``: the mask of the part
+    flips at pixel row ``y`` of column ``x`` (an even number of flips per column).
     """
-    pts = np.concatenate(polygons)
-    x0 = max(int(np.floor(pts[:, 0].min())) - 1, 0)
-    y0 = max(int(np.floor(pts[:, 1].min())) - 1, 0)
-    x1 = min(int(np.ceil(pts[:, 0].max())) + 1, width)
-    y1 = min(int(np.ceil(pts[:, 1].max())) + 1, height)
-    if x1 <= x0 or y1 <= y0:
+    ends = np.cumsum(part_sizes)
+    following = np.arange(1, len(vertices) + 1)
+    following[ends - 1] = ends - part_sizes  # the last edge of a part closes it
+    q = np.trunc(_GRID * vertices + 0.5)  # (int)(5*x + .5)
+    xa, ya = q[:, 0], q[:, 1]
+    xb, yb = xa[following], ya[following]
+    dx, dy = np.abs(xb - xa), np.abs(yb - ya)
+    part = np.repeat(np.arange(len(part_sizes)), part_sizes)
+    # The walk runs along the longer axis from its smaller end. An edge with dx = dy = 0 (two
+    # vertices quantised to one point) adds one point between two copies of that vertex: no crossing.
+    xm = np.flatnonzero((dx >= dy) & (dx > 0))
+    ym = np.flatnonzero(dx < dy)
+    swap = xa[xm] > xb[xm]
+    sx, sy = np.where(swap, xb[xm], xa[xm]), np.where(swap, yb[xm], ya[xm])
+    slope = (np.where(swap, ya[xm], yb[xm]) - sy) / dx[xm]
+    e1, x1, v1 = _x_major_crossings(sx, sy, slope, dx[xm], width)
+    swap = ya[ym] > yb[ym]
+    sx, sy = np.where(swap, xb[ym], xa[ym]), np.where(swap, yb[ym], ya[ym])
+    slope = (np.where(swap, xa[ym], xb[ym]) - sx) / dy[ym]
+    e2, x2, v2 = _y_major_crossings(sx, sy, slope, dy[ym], width)
+    v = np.concatenate([v1, v2])
+    y = np.ceil(np.clip((v + 0.5) / _GRID - 0.5, 0, height))
+    return (np.concatenate([part[xm][e1], part[ym][e2]]), np.concatenate([x1, x2]).astype(np.int64),
+            y.astype(np.int64))
+
+
+def polygon_masks(
+    instances: list[tuple[np.ndarray, ...]], height: int, width: int, value: int = 1
+) -> list[tuple[np.ndarray, int, int, int] | str]:
+    """Rasterize polygon instances (parts float64 ``[n, 2]`` in source pixels) of one image.
+
+    Each entry is ``(mask uint8 [h, w] of 0/value, x0, y0, area)`` cut to the tight box of the
+    mask, or a skip reason (``OUTSIDE_IMAGE``: every vertex beyond one border; ``EMPTY_MASK``).
+    Parts of an instance are united, as ``mask_utils.merge`` does.
+    """
+    out: list = [EMPTY_MASK] * len(instances)
+    parts = [p for polygons in instances for p in polygons]
+    if not parts:
+        return out
+    sizes = np.array([len(p) for p in parts], np.int64)
+    vertices = np.concatenate(parts)
+    owner = np.repeat(np.arange(len(instances)), [len(polygons) for polygons in instances])
+    inside = _touches_image(vertices, np.repeat(owner, sizes), len(instances), height, width)
+    for i in np.flatnonzero(~inside):
+        out[i] = OUTSIDE_IMAGE
+    part, x, y = _column_crossings(vertices, sizes, height, width)
+    keep = inside[owner[part]]
+    runs = _runs(part[keep], x[keep], y[keep], owner, height, width)
+    if runs is not None:
+        for i, found in _fill(*runs, value):
+            out[i] = found
+    return out
+
+
+def _touches_image(vertices, owner, n, height, width) -> np.ndarray:
+    """bool ``[n]``: the instance's vertices are not all beyond one border of the image."""
+    lo = np.full((n, 2), np.inf)
+    hi = np.full((n, 2), -np.inf)
+    np.minimum.at(lo, owner, vertices)
+    np.maximum.at(hi, owner, vertices)
+    return (hi[:, 0] > 0) & (hi[:, 1] > 0) & (lo[:, 0] < width) & (lo[:, 1] < height)
+
+
+def _runs(part, x, y, owner, height, width):
+    """Pair each part's flips into non-empty column runs and give each instance its tight box.
+
+    Returns ``(instance [m], box (x0, y0, x1, y1) each [m], runs (box index, column, row0, row1))``
+    or None when no instance has a pixel.
+    """
+    stride = height * width + 1
+    key = np.sort(part * stride + x * height + y)  # per part, column-major order: flips pair up
+    part = key // stride
+    flat = key - part * stride
+    start, stop = flat[0::2], flat[1::2]
+    nonempty = stop > start
+    start, stop, inst = start[nonempty], stop[nonempty], owner[part[0::2][nonempty]]
+    if not len(start):
         return None
-    shifted = [_coco_shifted(p, x0, y0).ravel().tolist() for p in polygons]
-    rles = mask_utils.frPyObjects(shifted, y1 - y0, x1 - x0)
-    mask = mask_utils.decode(mask_utils.merge(rles))
-    return _tighten(mask, x0, y0)
+    column = start // height
+    row0, row1 = start - column * height, stop - column * height
+    first = _first_of_each(inst)  # runs come grouped by instance
+    box = (np.minimum.reduceat(column, first), np.minimum.reduceat(row0, first),
+           np.maximum.reduceat(column, first) + 1, np.maximum.reduceat(row1, first))
+    group = np.repeat(np.arange(len(first)), np.diff(first, append=len(start)))
+    return inst[first], box, (group, column, row0, row1)
 
 
-def _coco_shifted(poly: np.ndarray, x0: int, y0: int) -> np.ndarray:
-    """Vertices whose ``rleFrPoly`` quantization equals that of ``poly`` shifted by ``(x0, y0)``."""
-    q = np.trunc(5.0 * poly + 0.5) - 5.0 * np.array([x0, y0])  # C's (int) truncates toward zero
-    # trunc(5*v + .5) == q needs v = q/5 for q >= 0, and 5*v + .5 in (q-1, q] for q < 0.
-    return np.where(q >= 0, q / 5.0, (q - 0.75) / 5.0)
+def _first_of_each(values: np.ndarray) -> np.ndarray:
+    """Index of the first element of each stretch of equal values."""
+    new = np.empty(len(values), bool)
+    new[0] = True
+    np.not_equal(values[1:], values[:-1], out=new[1:])
+    return np.flatnonzero(new)
+
+
+def _fill(instances, box, runs, value):
+    """Paint the runs into one column-major buffer (every instance's box in turn, one
+    ``np.repeat``) and cut it into row-major masks; yields ``(instance, (mask, x0, y0, area))``."""
+    group, column, row0, row1 = runs
+    x0, y0, x1, y1 = box
+    bw, bh = x1 - x0, y1 - y0
+    size = bw * bh
+    base = np.cumsum(size) - size
+    start = base[group] + (column - x0[group]) * bh[group] + row0 - y0[group]
+    stop = start + (row1 - row0)
+    order = np.argsort(start, kind="stable")
+    start, stop, group = start[order], stop[order], group[order]
+    # Parts of one instance may overlap: a run starting inside the reach of the runs before it
+    # joins them (union, as mask_utils.merge). Runs of different boxes never overlap.
+    reach = np.maximum.accumulate(stop)
+    new = np.empty(len(start), bool)
+    new[0] = True
+    np.greater_equal(start[1:], reach[:-1], out=new[1:])
+    last = np.append(new[1:], True)
+    start, stop, group = start[new], reach[last], group[new]
+    lengths = np.empty(2 * len(start) + 1, np.int64)  # gap, run, gap, ..., run, gap
+    lengths[0] = start[0]
+    lengths[2:-1:2] = start[1:] - stop[:-1]
+    lengths[-1] = size.sum() - stop[-1]
+    lengths[1::2] = stop - start
+    values = np.zeros(len(lengths), np.uint8)
+    values[1::2] = value
+    flat = np.repeat(values, lengths)
+    area = np.bincount(group, weights=stop - start, minlength=len(size)).astype(np.int64)
+    for i, b, n, w, h, x, y, a in zip(instances.tolist(), base.tolist(), size.tolist(), bw.tolist(),
+                                      bh.tolist(), x0.tolist(), y0.tolist(), area.tolist()):
+        yield i, (cv2.transpose(flat[b : b + n].reshape(w, h)), x, y, a)
 
 
 def _tighten(mask: np.ndarray, x0: int, y0: int) -> tuple[np.ndarray, int, int] | None:
@@ -194,50 +354,110 @@ def _tighten(mask: np.ndarray, x0: int, y0: int) -> tuple[np.ndarray, int, int] 
     return mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], x0 + int(cols[0]), y0 + int(rows[0])
 
 
+def _source_polygons(inst: InstanceRecord, height: int, width: int) -> tuple[np.ndarray, ...]:
+    return tuple(p * (width, height) for p in inst.polygons) if inst.normalized else inst.polygons
+
+
+def _rle_found(inst: InstanceRecord, height: int, width: int, value: int) -> tuple[np.ndarray, int, int, int] | str:
+    rle_h, rle_w = (int(v) for v in inst.rle["size"])
+    if (rle_h, rle_w) != (height, width):
+        return RLE_SIZE_MISMATCH
+    found = rle_mask_in_box(inst.rle, height, width)
+    if found is None:
+        return EMPTY_MASK
+    mask, x0, y0 = found
+    return mask * np.uint8(value), x0, y0, int(np.count_nonzero(mask))
+
+
+def image_masks(
+    instances: Sequence[InstanceRecord], height: int, width: int, value: int = 1
+) -> list[tuple[np.ndarray, int, int, int] | str]:
+    """Every instance's mask on one ``height x width`` image: ``(mask uint8 [h, w] of 0/value, x0,
+    y0, area)`` cut to its tight box, or a skip reason. All polygon instances are rasterized in one
+    batch (``polygon_masks``); RLE instances are decoded over the columns they span."""
+    out: list = [None] * len(instances)
+    polygon_index = []
+    for k, inst in enumerate(instances):
+        if inst.rle is not None:
+            out[k] = _rle_found(inst, height, width, value)
+        else:
+            polygon_index.append(k)
+    polygons = [_source_polygons(instances[k], height, width) for k in polygon_index]
+    for k, found in zip(polygon_index, polygon_masks(polygons, height, width, value)):
+        out[k] = found
+    return out
+
+
 def instance_mask(inst: InstanceRecord, height: int, width: int) -> tuple[np.ndarray, int, int] | str:
-    """The instance's mask cut to its tight box, ``(mask, x0, y0)``, or a skip reason."""
-    if inst.rle is not None:
-        rle_h, rle_w = (int(v) for v in inst.rle["size"])
-        if (rle_h, rle_w) != (height, width):
-            return RLE_SIZE_MISMATCH
-        found = rle_mask_in_box(inst.rle, height, width)
-        return EMPTY_MASK if found is None else found
-    polygons = inst.polygons
-    if inst.normalized:
-        polygons = tuple(p * (width, height) for p in polygons)
-    pts = np.concatenate(polygons)
-    if pts[:, 0].max() <= 0 or pts[:, 1].max() <= 0 or pts[:, 0].min() >= width or pts[:, 1].min() >= height:
-        return OUTSIDE_IMAGE
-    found = polygon_mask_in_box(polygons, height, width)
-    return EMPTY_MASK if found is None else found
+    """The instance's 0/1 mask cut to its tight box, ``(mask, x0, y0)``, or a skip reason."""
+    found = image_masks((inst,), height, width)[0]
+    return found if isinstance(found, str) else found[:3]
 
 
 # ---------------------------------------------------------------------------------------------
 # the crop
 
+#: Least fraction of the canvas side the object must fill when its window is widened to a
+#: multiple of 2**j for the halving path (``_window_side``).
+MIN_FILL = 0.995
+
+
+def _window_side(side: int, size: int) -> tuple[int, int]:
+    """``(window side, halvings)`` for an object whose longer side is ``side`` source pixels.
+
+    OpenCV's INTER_AREA has a SIMD path only for an exact factor of 2 (measured: 0.2 ms for
+    640x640x4 -> 320, against 2.0 ms for the generic path to 128). So a large object's window is
+    halved ``j`` times before the final resize, which needs a side divisible by ``2**j``: the
+    window grows by at most ``2**j - 1`` source pixels, allowed while the object still fills
+    ``MIN_FILL`` of the canvas; otherwise one generic resize of the ``side`` window (exact scale).
+    """
+    best = (side, 0)
+    factor = 2
+    while factor * size <= side:
+        window = factor * -(-side // factor)
+        if side >= MIN_FILL * window:
+            best = (window, factor.bit_length() - 1)
+        factor *= 2
+    return best
+
+
+def _letterbox_into(image_bgr: np.ndarray, alpha: np.ndarray, x0: int, y0: int, out: np.ndarray):
+    """Write the RGBA crop of the box ``alpha`` uint8 [h, w] (0..255) at ``(x0, y0)`` into ``out``
+    uint8 ``[4, S, S]``; returns ``(scale, (ox, oy))``."""
+    h, w = alpha.shape
+    size = out.shape[1]
+    side, halvings = _window_side(max(h, w), size)
+    pad_x, pad_y = (side - w) // 2, (side - h) // 2
+    window = np.zeros((side, side, 4), np.uint8)
+    box = window[pad_y : pad_y + h, pad_x : pad_x + w]
+    # cvtColor writes RGB(A) straight into the window, one contiguous pass (the strided numpy
+    # copy it replaces took 6 ms for a 640-px window).
+    cv2.cvtColor(image_bgr[y0 : y0 + h, x0 : x0 + w], cv2.COLOR_BGR2RGBA, dst=box)
+    box[:, :, 3] = alpha
+    for _ in range(halvings):  # each one averages exact 2x2 blocks
+        window = cv2.resize(window, (window.shape[1] // 2, window.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    # INTER_AREA averages source pixels when shrinking (no aliasing); it is not meant for
+    # enlarging, where INTER_LINEAR is the usual choice. Both use the pixel-corner convention.
+    interp = cv2.INTER_AREA if window.shape[0] > size else cv2.INTER_LINEAR
+    resized = cv2.resize(window, (size, size), interpolation=interp)
+    cv2.split(resized, list(out))  # channels last -> planes, 2x faster than a numpy transpose copy
+    scale = size / side
+    return scale, (pad_x * scale, pad_y * scale)
+
 
 def letterbox_crop(image_bgr: np.ndarray, mask: np.ndarray, x0: int, y0: int, size: int):
-    """Cut the tight box ``mask`` [h, w] at ``(x0, y0)`` into an RGBA crop.
+    """Cut the tight box ``mask`` [h, w] (0/1) at ``(x0, y0)`` into an RGBA crop.
 
     Returns ``(rgba uint8 [4, S, S], scale, (ox, oy))`` with ``crop = (src - (x0, y0)) * scale + o``.
     """
-    h, w = mask.shape
-    side = max(h, w)
-    pad_x, pad_y = (side - w) // 2, (side - h) // 2
-    window = np.zeros((side, side, 4), np.uint8)
-    window[pad_y : pad_y + h, pad_x : pad_x + w, :3] = image_bgr[y0 : y0 + h, x0 : x0 + w, ::-1]
-    window[pad_y : pad_y + h, pad_x : pad_x + w, 3] = mask * np.uint8(255)
-    # INTER_AREA averages source pixels when shrinking (no aliasing); it is not meant for
-    # enlarging, where INTER_LINEAR is the usual choice. Both use the pixel-corner convention.
-    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    resized = cv2.resize(window, (size, size), interpolation=interp)
-    scale = size / side
-    return np.ascontiguousarray(resized.transpose(2, 0, 1)), scale, (pad_x * scale, pad_y * scale)
+    rgba = np.empty((4, size, size), np.uint8)
+    scale, offset = _letterbox_into(image_bgr, mask * np.uint8(255), x0, y0, rgba)
+    return rgba, scale, offset
 
 
-def _filter_reason(mask: np.ndarray, box: tuple[int, int, int, int], truncated: bool, f: CropFilters) -> str | None:
+def _filter_reason(area: int, box: tuple[int, int, int, int], truncated: bool, f: CropFilters) -> str | None:
     bw, bh = box[2] - box[0], box[3] - box[1]
-    if f.min_area and int(mask.sum()) < f.min_area:
+    if f.min_area and area < f.min_area:
         return SMALL_AREA
     if f.min_side and min(bw, bh) < f.min_side:
         return SMALL_SIDE
@@ -253,22 +473,20 @@ def cut_image(
 ) -> tuple[np.ndarray, np.ndarray, Counter]:
     """All kept crops of one decoded image: ``(rgba uint8 [n, 4, S, S], META_DTYPE [n], skipped)``."""
     height, width = image_bgr.shape[:2]
-    crops, rows, skipped = [], [], Counter()
-    for inst in record.instances:
-        found = instance_mask(inst, height, width)
+    crops = np.empty((len(record.instances), 4, size, size), np.uint8)
+    rows, skipped = [], Counter()
+    for inst, found in zip(record.instances, image_masks(record.instances, height, width, 255)):
         if isinstance(found, str):
             skipped[found] += 1
             continue
-        mask, x0, y0 = found
-        box = (x0, y0, x0 + mask.shape[1], y0 + mask.shape[0])
+        alpha, x0, y0, area = found
+        box = (x0, y0, x0 + alpha.shape[1], y0 + alpha.shape[0])
         truncated = box[0] == 0 or box[1] == 0 or box[2] == width or box[3] == height
-        reason = _filter_reason(mask, box, truncated, filters)
+        reason = _filter_reason(area, box, truncated, filters)
         if reason:
             skipped[reason] += 1
             continue
-        rgba, scale, offset = letterbox_crop(image_bgr, mask, x0, y0, size)
-        crops.append(rgba)
-        rows.append((record.image_id, inst.ann_id, inst.class_id, box, scale, offset, int(mask.sum()), truncated))
+        scale, offset = _letterbox_into(image_bgr, alpha, x0, y0, crops[len(rows)])
+        rows.append((record.image_id, inst.ann_id, inst.class_id, box, scale, offset, area, truncated))
     meta = np.array(rows, dtype=META_DTYPE) if rows else np.empty(0, META_DTYPE)
-    pixels = np.stack(crops) if crops else np.empty((0, 4, size, size), np.uint8)
-    return pixels, meta, skipped
+    return crops[: len(rows)], meta, skipped

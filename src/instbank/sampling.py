@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -104,7 +105,9 @@ class BankSampler:
 
     Draws are with replacement across steps; inside one row of ``k`` the crops are distinct
     whenever at least ``k`` crops are eligible (duplicates are redrawn, i.e. weighted sampling
-    without replacement), otherwise i.i.d.
+    without replacement), otherwise i.i.d. ``class_probabilities`` are those of a single draw;
+    redrawing duplicates lowers a class's share of a row only by O(k / n_c), so only for classes
+    with about ``k`` crops or fewer.
 
     - ``weighting``: one of ``WEIGHTINGS`` (module docstring); ``t``: the repeat-factor threshold.
     - ``class_weights``: ``{name or id: multiplier}`` applied on top of ``weighting`` to every crop
@@ -270,13 +273,18 @@ class BankSampler:
 
     # ---- numpy batches (no torch)
     def numpy_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """Yield one dict per step: ``pixels`` uint8 ``[B, K, 4, S, S]``, ``class_ids`` int64
-        ``[B, K]``, ``indices`` int64 ``[B, K]``, ``src_box`` float32 ``[B, K, 4]``, ``scale``
-        float32 ``[B, K]``, ``offset`` float32 ``[B, K, 2]``; fresh arrays every step."""
+        """Yield ``numpy_batch(indices)`` for every step of this stream (fresh arrays each step)."""
         for indices in self:
-            pixels = np.empty(_pixel_shape(self.bank, indices), np.uint8)
-            gather_pixels(self.bank, indices, pixels)
-            yield {"pixels": pixels, **gather_geometry(self.bank, indices)}
+            yield self.numpy_batch(indices)
+
+    def numpy_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The crops at int64 ``[B, K]`` ``indices`` as new arrays: ``pixels`` uint8
+        ``[B, K, 4, S, S]``, ``class_ids`` int64 ``[B, K]``, ``indices`` int64 ``[B, K]``,
+        ``src_box`` float32 ``[B, K, 4]``, ``scale`` float32 ``[B, K]``, ``offset`` float32
+        ``[B, K, 2]``."""
+        pixels = np.empty(_pixel_shape(self.bank, indices), np.uint8)
+        gather_pixels(self.bank, indices, pixels)
+        return {"pixels": pixels, **gather_geometry(self.bank, indices)}
 
     def __repr__(self) -> str:
         steps = "inf" if self.steps_per_epoch is None else self.steps_per_epoch
@@ -379,19 +387,21 @@ class _BankStagingImpl:
 
         info = torch.utils.data.get_worker_info()  # the one place that reads worker globals
         if info is None:
-            pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-            sampler, alloc = self.sampler, (_pinned_empty if pin else _plain_empty)
+            # Like DataLoader(pin_memory=True), pinning is skipped where there is no CUDA.
+            pin = self.pin_memory is not False and torch.cuda.is_available()
+            sampler, alloc = self.sampler, (_pinned_empty if pin else _ReusedBuffers())
         else:
             # Allocate where the batch goes next: the worker's result queue moves tensors to
-            # shared memory, so staging into shared memory saves one copy per step.
+            # shared memory, so staging into shared memory saves one copy per step. A buffer
+            # cannot be reused here: the main process maps the same pages.
             pin = False  # a worker must not touch CUDA; DataLoader(pin_memory=True) pins in the main process
             sampler, alloc = self.sampler.for_worker(info.id, info.num_workers), _shared_empty
         for indices in sampler:
             yield self.stage(indices, alloc, pin)
 
     def stage(self, indices: np.ndarray, alloc: Callable, pin: bool = False):
-        """``BankBatch`` for int64 ``[B, K]`` ``indices``: pixels gathered straight into a fresh
-        tensor from ``alloc(shape)``; geometry tensors pinned when ``pin``."""
+        """``BankBatch`` for int64 ``[B, K]`` ``indices``: pixels gathered straight into the tensor
+        ``alloc(shape)`` returns; geometry tensors pinned when ``pin``."""
         import torch
 
         from instbank.types import BankBatch
@@ -407,10 +417,38 @@ class _BankStagingImpl:
         return f"BankStaging({_bank_name(self.bank)}, {self.sampler!r}, pin_memory={self.pin_memory})"
 
 
-def _plain_empty(shape):
-    import torch
+class _ReusedBuffers:
+    """Pixel tensors for the main process, over numpy buffers reused once nothing refers to them.
 
-    return torch.empty(shape, dtype=torch.uint8)
+    A fresh 33 MB buffer per step costs more than the gather itself (page faults: measured in
+    docs/perf/staging.md), so buffers are recycled, but only when safe: each step hands out
+    ``torch.from_numpy(view)`` of a new ndarray view of a buffer, and that tensor, every tensor
+    view of it and every ``.numpy()`` of those keep ``view`` alive; once the weak reference to
+    ``view`` is dead no one can see the buffer's bytes and it is reused. At most ``slots`` buffers
+    are kept; beyond that (a consumer holding many batches) a step gets a buffer of its own.
+    """
+
+    def __init__(self, slots: int = 4):
+        self.slots = slots
+        self._pool: list[tuple[np.ndarray, weakref.ref]] = []
+
+    def __call__(self, shape):
+        for slot, (buf, ref) in enumerate(self._pool):
+            if ref() is None and buf.shape == shape:
+                return self._lend(buf, slot)
+        buf = np.empty(shape, np.uint8)  # numpy asks for transparent huge pages: few faults
+        return self._lend(buf, None if len(self._pool) < self.slots else -1)
+
+    def _lend(self, buf: np.ndarray, slot: int | None):
+        """Tensor over a new view of ``buf``, tracked in ``slot`` (None: a new slot; -1: untracked)."""
+        import torch
+
+        view = buf.view()
+        if slot is None:
+            self._pool.append((buf, weakref.ref(view)))
+        elif slot >= 0:
+            self._pool[slot] = (buf, weakref.ref(view))
+        return torch.from_numpy(view)
 
 
 def _pinned_empty(shape):
@@ -435,11 +473,14 @@ def _make_bank_staging() -> type:
 
     ``BankStaging(bank, sampler, pin_memory=None)``. Use with
     ``DataLoader(staging, batch_size=None, num_workers=n, pin_memory=...)``; each worker draws its
-    own stream (``sampler.for_worker``). Every step gathers into a fresh tensor (shared memory in a
-    worker, pinned memory in the main process when ``pin_memory``; ``None`` means "when CUDA is
-    available"), so a consumer may keep batches: nothing is overwritten later.
+    own stream (``sampler.for_worker``). Each step is one ``bank.get_many`` straight into the
+    memory the batch is handed out in: fresh shared memory in a worker; in the main process
+    pinned memory when ``pin_memory`` and CUDA is available (``None``: pin then), else a recycled buffer
+    that is reused only once no tensor or array still refers to it. A consumer may keep batches
+    (or views of them): nothing it can still see is overwritten.
     """
-    return type("BankStaging", (_BankStagingImpl, torch.utils.data.IterableDataset), {"__module__": __name__, "__doc__": doc})
+    bases = (_BankStagingImpl, torch.utils.data.IterableDataset)
+    return type("BankStaging", bases, {"__module__": __name__, "__doc__": doc})
 
 
 def _bank_staging_class() -> type:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
@@ -15,6 +18,23 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def input_error(path: str | os.PathLike, problem: str) -> InputError:
     """``InputError("<path>: <problem>")`` on one line (YAML and JSON errors span several lines)."""
     return InputError(" ".join(f"{os.fspath(path)}: {problem}".split()))
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a reader builds millions of acyclic objects.
+
+    Every ~700 new containers CPython runs a collection that walks the young objects, and the
+    older generations are walked again and again as the parsed json grows; none of it frees
+    anything here. Pausing cuts about a fifth of ``read_coco``'s time (benchmarks/formats.py).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def is_int64(value: object) -> bool:

@@ -8,7 +8,12 @@ Layouts read:
   indices ``0..n-1``), optional ``nc`` (must equal the number of names);
 - a directory holding a ``data.yaml`` (that yaml is read);
 - a directory with ``images/`` and ``labels/`` (split subdirectories allowed): class names are
-  unknown, so every class index seen gets ``class{i}``.
+  unknown, so the class indices seen become the classes, named ``class<index>``, with contiguous
+  ids in ascending index (``source_id`` keeps the index).
+
+Labels: ``.../images/<sub>/x.jpg`` -> ``.../labels/<sub>/x.txt`` (the Ultralytics rule: the last
+``images`` path component becomes ``labels``). Orphan label files are looked for under the label
+directories of image *directories* only, not of ``.txt`` image lists.
 
 Ids: ``image_id`` = position of the image in the sorted list of its absolute paths (all selected
 splits together, duplicates once); ``ann_id = image_id * 1_000_000 + line`` with ``line`` the
@@ -32,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from instbank.formats.common import input_error, rectangle, valid_box
+from instbank.formats.common import gc_paused, input_error, rectangle, valid_box
 from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord
 
 SPLITS = ("train", "val", "test")
@@ -77,14 +82,19 @@ def read_yolo(path: str | os.PathLike, *, box_masks: bool = False, splits: Seque
     layout = find_layout(Path(path), chosen)
     image_paths = sorted(set(walk_images(layout.image_dirs)) | set(layout.listed))
     skipped: Counter = Counter()
-    parsed = [read_label_file(i, p, layout.names, box_masks, skipped) for i, p in enumerate(image_paths)]
-    claimed = {label_path(p) for p in image_paths}
-    orphans = walk_labels(layout.image_dirs) - claimed
+    with gc_paused():
+        parsed = [read_label_file(i, p, layout.names, box_masks, skipped) for i, p in enumerate(image_paths)]
+        classes = class_table(layout, parsed, layout.notes)
+        images = image_records(image_paths, parsed, {c.source_id: c.id for c in classes})
+    orphans = walk_labels(layout.image_dirs) - {label_path(p) for p in image_paths}
     if orphans:
         skipped["label_without_image"] = len(orphans)
-    classes = class_table(layout, parsed, layout.notes)
-    contiguous = {c.source_id: c.id for c in classes}
-    images = [
+    return Dataset(source=str(path), kind="yolo", images=images, classes=classes, skipped=skipped, notes=layout.notes)
+
+
+def image_records(image_paths: list[str], parsed: list[list[Parsed]], contiguous: dict[int, int]) -> list[ImageRecord]:
+    """One ``ImageRecord`` per image path, ``image_id`` = its index; class indices made contiguous."""
+    return [
         ImageRecord(
             image_id=i,
             path=p,
@@ -97,9 +107,6 @@ def read_yolo(path: str | os.PathLike, *, box_masks: bool = False, splits: Seque
         )
         for i, (p, records) in enumerate(zip(image_paths, parsed))
     ]
-    return Dataset(
-        source=str(path), kind="yolo", images=images, classes=classes, skipped=skipped, notes=layout.notes
-    )
 
 
 def check_splits(splits: Sequence[str] | None) -> list[str] | None:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from instbank.paste.plan import PastePlan, tight_boxes
+from instbank.paste.plan import PastePlan, any_along, tight_boxes
 
 
 class Instances(NamedTuple):
@@ -45,44 +46,64 @@ class Instances(NamedTuple):
 
 
 def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tight boxes float32 ``[..., 4]`` of masks ``[..., H, W]`` and bool ``[...]`` "not empty"."""
-    m = masks.to(torch.bool)
-    return tight_boxes(m), m.flatten(-2).any(dim=-1)
+    """Tight boxes float32 ``[..., 4]`` of masks ``[..., H, W]`` (bool, or non-zero = set) and
+    bool ``[...]`` "not empty"."""
+    boxes = tight_boxes(masks)
+    return boxes, boxes[..., 2] > boxes[..., 0]  # an empty mask has the box 0, 0, 0, 0
+
+
+def mask_areas(masks: torch.Tensor) -> torch.Tensor:
+    """int64 ``[...]``: set (non-zero) pixels of masks ``[..., H, W]``.
+
+    On CPU one ``np.count_nonzero`` per mask: torch 2.13's per-row sum of bools converts to int64
+    first (150 ms for 8 x 8 x 512 x 512), numpy's ``axis=`` form sums too (5 ms), the whole-array
+    form per row counts bytes directly (0.9 ms). Elsewhere a torch sum (no host synchronisation).
+    """
+    flat = masks.flatten(-2)
+    if flat.device.type != "cpu" or flat.numel() == 0:
+        return (flat != 0).sum(dim=-1)
+    rows = flat.contiguous().numpy().reshape(-1, flat.shape[-1])
+    counts = np.fromiter((np.count_nonzero(row) for row in rows), dtype=np.int64, count=len(rows))
+    return torch.from_numpy(counts).view(flat.shape[:-1])
 
 
 def occlude_instances(existing: Instances, covered: torch.Tensor, min_visible: float = 0.1) -> Instances:
     """Cut existing instances by ``covered`` (bool ``[B, H, W]``, the union of the pastes).
 
-    Returns ``Instances`` with the same ``N`` and mask dtype; see the module docstring for refit
-    and validity rules.
+    Returns ``Instances`` with the same ``N`` and bool masks (``concat_instances`` restores a mask
+    dtype while copying); see the module docstring for refit and validity rules.
     """
-    masks = existing.masks.to(torch.bool)
-    cut = masks & ~covered[:, None]
-    before = masks.flatten(-2).sum(dim=-1)
-    after = cut.flatten(-2).sum(dim=-1)
+    cut = existing.masks.to(torch.bool) & ~covered[:, None]
+    before = mask_areas(existing.masks)
+    after = mask_areas(cut)
     refit, nonempty = boxes_from_masks(cut)
     touched = after < before
     boxes = torch.where(touched[..., None], refit, existing.boxes.to(torch.float32))
     fraction = after.float() / before.clamp(min=1).float()
     still_visible = ~touched | (nonempty & (fraction >= min_visible))
-    return Instances(cut.to(existing.masks.dtype), boxes, existing.labels, existing.valid & still_visible)
+    return Instances(cut, boxes, existing.labels, existing.valid & still_visible)
 
 
 def paste_instances(visible: torch.Tensor, plan: PastePlan, crops: torch.Tensor, min_visible: float = 0.1) -> Instances:
     """Annotations of the pastes: ``visible`` bool ``[B, K, H, W]`` from ``paste_image``, the plan,
     and the crops uint8 ``[B, K, 4, S, S]`` (their alpha gives each object's full area)."""
     boxes, nonempty = boxes_from_masks(visible)
-    object_px = (crops[:, :, 3] >= 128).flatten(-2).sum(dim=-1).float()
+    object_px = mask_areas(crops[:, :, 3] >= 128).float()
     full_area = object_px * plan.scale.float() ** 2
-    area = visible.flatten(-2).sum(dim=-1).float()
+    area = mask_areas(visible).float()
     enough = area >= min_visible * full_area
     return Instances(visible, boxes, plan.labels, plan.apply & nonempty & enough)
 
 
-def concat_instances(first: Instances, second: Instances) -> Instances:
-    """Existing then pasted along ``N``; masks take ``first``'s dtype."""
+def concat_instances(first: Instances, second: Instances, mask_dtype: torch.dtype = torch.bool) -> Instances:
+    """Existing then pasted along ``N``, masks converted to ``mask_dtype`` (True -> 1) while copied
+    into one buffer (measured 2-6x faster on CPU than ``torch.cat`` of mixed dtypes)."""
+    b, n1, h, w = first.masks.shape
+    masks = torch.empty((b, n1 + second.masks.shape[1], h, w), dtype=mask_dtype, device=first.masks.device)
+    masks[:, :n1].copy_(first.masks)
+    masks[:, n1:].copy_(second.masks)
     return Instances(
-        torch.cat([first.masks, second.masks.to(first.masks.dtype)], dim=1),
+        masks,
         torch.cat([first.boxes.to(torch.float32), second.boxes], dim=1),
         torch.cat([first.labels.to(torch.int64), second.labels], dim=1),
         torch.cat([first.valid, second.valid], dim=1),
@@ -94,7 +115,7 @@ def paint_semantic(semantic: torch.Tensor, visible: torch.Tensor, labels: torch.
     id where its visible mask ``[B, K, H, W]`` is set (visible masks are disjoint)."""
     if visible.shape[1] == 0:
         return semantic.clone()
-    painted = visible.any(dim=1)
+    painted = any_along(visible, 1)
     which = visible.to(torch.uint8).argmax(dim=1)  # the one paste visible there
     ids = torch.gather(labels.to(semantic.device), 1, which.flatten(1)).view_as(semantic)
     return torch.where(painted, ids.to(semantic.dtype), semantic)

@@ -10,13 +10,13 @@ images' batch size: a mismatch raises rather than silently reusing or dropping c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from instbank.paste import paste, resolve_impl
+from instbank.paste import IMPLS, paste
 from instbank.paste.annotations import (
     Instances,
     boxes_from_masks,
@@ -25,7 +25,7 @@ from instbank.paste.annotations import (
     paint_semantic,
     paste_instances,
 )
-from instbank.paste.plan import CropGeometry, PastePlan, draw_plan
+from instbank.paste.plan import CropGeometry, PastePlan, any_along, check_plan_args, draw_plan
 from instbank.types import BankBatch
 
 
@@ -53,6 +53,13 @@ class CopyPasteConfig:
     min_visible: float = 0.1
     impl: str = "auto"
     value_range: float | None = None
+
+    def __post_init__(self) -> None:
+        check_plan_args(self.scale_range, self.scale_mode, self.blend, self.sigma_range, self.prob, self.flip_prob)
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if not 0 <= self.min_visible <= 1:
+            raise ValueError(f"min_visible must be in [0, 1], got {self.min_visible}")
 
 
 class StagedPaste(NamedTuple):
@@ -82,8 +89,7 @@ class BankSource(nn.Module):
 
     def __init__(self, config: CopyPasteConfig | None = None, **overrides):
         super().__init__()
-        base = config if config is not None else CopyPasteConfig()
-        self.config = CopyPasteConfig(**{**base.__dict__, **overrides})
+        self.config = replace(config if config is not None else CopyPasteConfig(), **overrides)
         self._crops: torch.Tensor | None = None
         self._geometry: CropGeometry | None = None
 
@@ -109,7 +115,9 @@ class BankSource(nn.Module):
                 f"bank batch has B={staged_b} staged crop rows but the images have B={batch_size}; "
                 "stage one row of crops per image"
             )
-        dev = torch.device(device) if device is not None else (generator.device if generator is not None else self._crops.device)
+        if device is None:
+            device = generator.device if generator is not None else self._crops.device
+        dev = torch.device(device)
         cfg = self.config
         plan = draw_plan(
             self._geometry,
@@ -144,7 +152,6 @@ class BankCopyPaste(nn.Module):
     def __init__(self, config: CopyPasteConfig | None = None, **overrides):
         super().__init__()
         self.source = BankSource(config, **overrides)
-        resolve_impl(self.source.config.impl, torch.empty(0))  # reject a bad impl name early
 
     @property
     def config(self) -> CopyPasteConfig:
@@ -171,8 +178,8 @@ class BankCopyPaste(nn.Module):
         out, visible = paste(images, staged.crops, staged.plan, padding_mask, cfg.value_range, cfg.impl)
         pasted = paste_instances(visible, staged.plan, staged.crops, cfg.min_visible)
         existing = _existing_instances(masks, boxes, labels, valid, b, h, w, images.device)
-        kept = occlude_instances(existing, visible.any(dim=1), cfg.min_visible)
-        merged = concat_instances(kept, pasted)
+        kept = occlude_instances(existing, any_along(visible, 1), cfg.min_visible)
+        merged = concat_instances(kept, pasted, existing.masks.dtype)
         result = {
             "images": out,
             "masks": merged.masks,

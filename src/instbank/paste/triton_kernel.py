@@ -18,22 +18,27 @@ Design (one program = one ``BLOCK_H x BLOCK_W`` tile of one image, all K pastes)
   ``[-0.5, S + 0.5]`` (some tap inside the canvas); each program tests its tile against that
   rectangle (widened by 2 pixels against float32 rounding) with scalar math and, when it misses,
   only writes zeros into that paste's mask tile. On a 1024x1024 target with S=128 crops at scale
-  ~1, a paste meets 27 of the 1024 tiles (3 x 9 tiles of 64 x 16), ~3 %.
+  ~1, a paste meets at most 27 of the 1024 tiles (3 x 9 tiles of 64 x 16), under 3 %.
 - **Bit-identical coordinates.** ``u, v`` and the fractional weights follow the spec's exact float32
   op sequence; the launch passes ``enable_fp_fusion=False`` because ``S - d * inv_scale`` (the flip)
   would otherwise be contracted into an FMA on the GPU and round differently from torch.
-- **64-bit offsets.** Image, crop and mask base offsets are computed in int64 (``B*K*4*S*S`` and
-  ``B*K*H*W`` exceed 2**31 at B=32, K=8, 1024x1024 is 268M, and larger batches overflow). All
-  tensors are addressed through their strides, so channels_last and non-contiguous views work.
+- **64-bit offsets.** Image, crop and mask offsets are computed in int64: the mask tensor alone,
+  ``B*K*H*W`` bytes, passes 2**31 at 64 images of 1024x1024 with K=32. All tensors are addressed
+  through their strides, so channels_last and non-contiguous views (e.g. the RGBA planes of a packed
+  ``[B, K, 5, S, S]`` tensor) work.
 - **No host synchronisation.** Only shapes steer the Python code; ``apply`` and the geometry are read
   in the kernel.
 
 Tile size 16x64 (1024 pixels, 8 warps: 4 pixels per thread): rows of 64 keep mask stores 64-byte
 coalesced and float32 image rows 256 bytes; the tile is small enough that culling is effective.
-These are not measured choices (no GPU was lent when this was written); see docs/perf/paste_triton.md.
+Traffic per image at 1024x1024, K=8, uint8: 3 MB image read + 3 MB written + 8 MB of masks written
+(the masks dominate) + the crop taps (cached). These choices are not measured yet: no GPU was lent
+when this was written (tests run under the Triton interpreter).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -46,11 +51,13 @@ except ImportError as exc:  # pragma: no cover - depends on the platform
         "pip install 'instbank[triton]', or use the torch reference (impl='torch')"
     ) from exc
 
+from instbank.paste.plan import PastePlan
 from instbank.paste.reference import ONE, check_inputs, default_value_range
 
 BLOCK_H = 16
 BLOCK_W = 64
-NUM_WARPS = 8
+# No FMA contraction: the spec's coordinate ops must round one by one, as torch does (see above).
+LAUNCH_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -83,7 +90,7 @@ def _taps_1d(u):
     """
     uf = u - 0.5
     i0f = tl.floor(uf)
-    frac = tl.floor((uf - i0f) * 255.0)
+    frac = tl.floor((uf - i0f) * 256.0)
     frac = tl.minimum(tl.maximum(frac, 0.0), 255.0).to(tl.int32)
     i0 = tl.minimum(tl.maximum(i0f, -2.0), 1048576.0).to(tl.int32)
     return i0, frac
@@ -237,7 +244,7 @@ def _store_channel(out_px, img_px, acc, transmit, inside, OUT_UINT8: tl.constexp
 def paste_image(
     images: torch.Tensor,
     crops: torch.Tensor,
-    plan,
+    plan: PastePlan,
     padding_mask: torch.Tensor | None = None,
     value_range: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,31 +285,33 @@ def paste_image(
 
     tiles_w = triton.cdiv(width, BLOCK_W)
     grid = (tiles_w * triton.cdiv(height, BLOCK_H), batch)
-    _paste_kernel[grid](
-        images,
-        out,
-        crops,
-        visible.view(torch.uint8),
-        pad,
-        apply,
-        inv_scale,
-        translate,
-        flip,
-        pastes,
-        height,
-        width,
-        size,
-        tiles_w,
-        value_range / (255.0 * ONE),
-        *images.stride(),
-        *out.stride(),
-        *crops.stride(),
-        *pad_strides,
-        HAS_PADDING=padding_mask is not None,
-        OUT_UINT8=images.dtype == torch.uint8,
-        BLOCK_H=BLOCK_H,
-        BLOCK_W=BLOCK_W,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
-    )
+    # Triton launches on the current CUDA device: make it the images' one (cuda:1 under DDP, say).
+    on_images_device = torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext()
+    with on_images_device:
+        _paste_kernel[grid](
+            images,
+            out,
+            crops,
+            visible.view(torch.uint8),
+            pad,
+            apply,
+            inv_scale,
+            translate,
+            flip,
+            pastes,
+            height,
+            width,
+            size,
+            tiles_w,
+            value_range / (255.0 * ONE),
+            *images.stride(),
+            *out.stride(),
+            *crops.stride(),
+            *pad_strides,
+            HAS_PADDING=padding_mask is not None,
+            OUT_UINT8=images.dtype == torch.uint8,
+            BLOCK_H=BLOCK_H,
+            BLOCK_W=BLOCK_W,
+            **LAUNCH_OPTIONS,
+        )
     return out, visible

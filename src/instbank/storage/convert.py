@@ -353,4 +353,22 @@ def verify_bank(path: str | os.PathLike, progress: ProgressFn | None = None) -> 
         for shard_no, files in enumerate(shards):
             if files.meta is not None and files.digests is not None:
                 _check_pixels(bank, shard_no, files, report, progress)
+    _check_payload_extras(manifest["backend"], shards, report)
     return report
+
+
+def _check_payload_extras(backend: str, shards: list[_ShardFiles], report: VerifyReport) -> None:
+    """A backend's own ``verify_payload(shard_dir, shard, meta)`` hook, where it has one (the
+    webdataset tars carry class ids and meta of their own, outside the digests)."""
+    hook = getattr(get_backend(backend), "verify_payload", None)
+    if hook is None:
+        return
+    for files in shards:
+        if files.meta is None:
+            continue
+        for message, file, local in hook(files.dir, files.entry, files.meta):
+            if local is None:
+                report.add(message, file=file, shard_dir=files.dir)
+            else:
+                where = f" (crop {files.start + local}, shard {files.dir.name}, local {local})"
+                report.add(message + where, file=file, index=files.start + local, shard_dir=files.dir)

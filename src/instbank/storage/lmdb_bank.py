@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -73,22 +74,23 @@ def thread_decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def zstd_decode_into(frame, dest: np.ndarray, where: str) -> None:
+def zstd_decode_into(frame, dest: np.ndarray) -> None:
     """Decompress one zstd ``frame`` (any buffer) straight into ``dest`` (C-contiguous uint8).
 
     The frame must declare exactly ``dest.nbytes`` as its content size; its checksum is checked by
-    zstd. Any fault raises ``BankError`` starting with ``where`` (the file and key at fault).
+    zstd. Raises ``ValueError`` saying what is wrong (callers add the file and key: building that
+    string for every crop would cost more than a small crop's decode).
     """
     try:
         size = zstandard.frame_content_size(frame)
         if size != dest.nbytes:
-            raise BankError(f"{where}: stored crop decompresses to {size} bytes, expected {dest.nbytes} (corrupt)")
+            raise ValueError(f"decompresses to {size} bytes, expected {dest.nbytes}")
         with thread_decompressor().stream_reader(frame) as reader:
             got = reader.readinto(dest)
     except zstandard.ZstdError as e:
-        raise BankError(f"{where}: stored crop is not a valid zstd frame ({e})") from None
+        raise ValueError(f"is not a valid zstd frame ({e})") from None
     if got != dest.nbytes:
-        raise BankError(f"{where}: stored crop decompressed to {got} bytes, expected {dest.nbytes} (corrupt)")
+        raise ValueError(f"decompressed to {got} bytes, expected {dest.nbytes}")
 
 
 def apply_filter(rgba: np.ndarray, name: str) -> np.ndarray:
@@ -160,7 +162,7 @@ class Writer:
         # sync off while appending, one fsync in close(): a crashed shard is redone anyway.
         self._env = lmdb.open(
             str(self.path), subdir=False, lock=False, map_size=INITIAL_MAP_SIZE, sync=False, metasync=False,
-            readahead=False, meminit=False, max_dbs=0,
+            readahead=False, meminit=False,
         )  # fmt: skip
         self._n = 0
 
@@ -194,69 +196,101 @@ class Writer:
 # --------------------------------------------------------------------------------------------
 # reading: one environment per file per process, closed before fork
 
-# lmdb >= 2.0 refuses to open one file twice in a process (keyed by device and inode), and a
-# forked child inherits that registry. So environments are shared by every Reader of this process
-# (a bank opened twice, an unpickled copy) and all are closed before fork; readers reopen lazily.
-_pool_lock = threading.Lock()
-_pool: dict[tuple[int, int], list] = {}  # (st_dev, st_ino) -> [environment, number of users]
-_readers: weakref.WeakSet = weakref.WeakSet()
+
+class StaleHandle(Exception):
+    """The environment of a handle was closed by a fork since the handle was made (internal)."""
 
 
-def _acquire_env(path: Path, key: tuple[int, int]):
-    import lmdb
+class _EnvPool:
+    """This process's LMDB environments, one per file, shared by every Reader, closed before fork.
 
-    with _pool_lock:
-        entry = _pool.get(key)
-        if entry is None:
-            try:
-                env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, max_dbs=0)
-            except lmdb.Error as e:
-                raise BankError(f"{path}: cannot open LMDB file ({e})") from None
-            entry = _pool[key] = [env, 0]
-        entry[1] += 1
-        return entry[0]
+    lmdb >= 2.0 refuses to open one file twice in a process (keyed by device and inode), and a
+    forked child inherits that registry. So Readers of one process share environments (a bank
+    opened twice, an unpickled copy), and before a fork every environment is closed, once reads
+    running in other threads are done (closing unmaps the values they decode); Readers drop their
+    handles and reopen lazily, the parent as well as the child.
+    """
 
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.envs: dict[tuple[int, int], list] = {}  # (st_dev, st_ino) -> [environment, users]
+        self.active_reads = 0
+        self.generation = 0  # +1 at every fork: handles from before are stale
+        self.readers: weakref.WeakSet = weakref.WeakSet()
 
-def _release_env(key: tuple[int, int], env) -> None:
-    with _pool_lock:
-        entry = _pool.get(key)
-        if entry is None or entry[0] is not env:  # already closed by a fork
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _pool[key]
+    def acquire(self, path: Path, key: tuple[int, int]) -> tuple[Any, int]:
+        """The shared environment of ``path`` and the generation it belongs to."""
+        import lmdb
+
+        with self.cond:
+            entry = self.envs.get(key)
+            if entry is None:
+                try:
+                    env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
+                except lmdb.Error as e:
+                    raise BankError(f"{path}: cannot open LMDB file ({e})") from None
+                entry = self.envs[key] = [env, 0]
+            entry[1] += 1
+            return entry[0], self.generation
+
+    def release(self, key: tuple[int, int], env) -> None:
+        with self.cond:
+            entry = self.envs.get(key)
+            if entry is None or entry[0] is not env:  # closed by a fork already
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.envs[key]
+                env.close()
+
+    @contextmanager
+    def reading(self, generation: int):
+        """Around every read: refuses a stale handle, and holds off a fork until it is done."""
+        with self.cond:
+            if generation != self.generation:
+                raise StaleHandle
+            self.active_reads += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.active_reads -= 1
+                if not self.active_reads:
+                    self.cond.notify_all()
+
+    def before_fork(self) -> None:
+        self.cond.acquire()
+        while self.active_reads:
+            self.cond.wait()
+        self.generation += 1
+        for reader in list(self.readers):
+            reader._handles = {}
+            reader._pid = None
+        for env, _ in self.envs.values():
             env.close()
+        self.envs.clear()
+
+    def after_fork_in_parent(self) -> None:
+        self.cond.release()
+
+    def after_fork_in_child(self) -> None:
+        self.cond = threading.Condition()  # the inherited one is held by the forking thread
+        self.active_reads = 0
 
 
-def _close_all_before_fork() -> None:
-    _pool_lock.acquire()
-    for reader in list(_readers):
-        reader._handles = {}
-        reader._pid = None
-    for env, _ in _pool.values():
-        env.close()
-    _pool.clear()
-
-
-def _after_fork_in_parent() -> None:
-    _pool_lock.release()
-
-
-def _after_fork_in_child() -> None:
-    global _pool_lock
-    _pool_lock = threading.Lock()
-
-
+_POOL = _EnvPool()
 os.register_at_fork(
-    before=_close_all_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    before=_POOL.before_fork, after_in_parent=_POOL.after_fork_in_parent, after_in_child=_POOL.after_fork_in_child
 )
 
 
 class _ShardEnv:
     """A reader's view of one shard: the shared environment and how to decode its values."""
 
-    def __init__(self, path: Path, key: tuple[int, int], env, filt: str):
-        self.path, self.key, self.env, self.filter = path, key, env, filt
+    def __init__(self, shard_dir: Path, shard: dict, path: Path, key: tuple[int, int]):
+        self.shard_dir, self.shard, self.path, self.key = shard_dir, shard, path, key
+        self.filter = shard["payload"].get("filter", "none")
+        self.env, self.generation = _POOL.acquire(path, key)
 
     def read(self, local: np.ndarray, out: np.ndarray) -> None:
         import lmdb
@@ -266,18 +300,21 @@ class _ShardEnv:
         try:
             # buffers=True: values are views into the map, decompressed without a copy; one read
             # transaction per batch.
-            with self.env.begin(buffers=True) as txn:
+            with _POOL.reading(self.generation), self.env.begin(buffers=True) as txn:
                 for k, key in enumerate(keys):
                     value = txn.get(key)
                     if value is None:
                         raise BankError(f"{self.path}: no value for key {int(local[k])} (corrupt shard)")
-                    zstd_decode_into(value, flat[k], f"{self.path} key {int(local[k])}")
+                    try:
+                        zstd_decode_into(value, flat[k])
+                    except ValueError as e:
+                        raise BankError(f"{self.path} key {int(local[k])}: stored crop {e} (corrupt)") from None
         except lmdb.Error as e:
             raise BankError(f"{self.path}: LMDB read failed ({e})") from None
         undo_filter(out, self.filter)
 
     def close(self) -> None:
-        _release_env(self.key, self.env)
+        _POOL.release(self.key, self.env)
 
 
 class Reader(ShardedBank):
@@ -288,7 +325,7 @@ class Reader(ShardedBank):
     def __init__(self, path, manifest: dict | None = None):
         super().__init__(path, manifest)
         check_codec(self.manifest.get("backend_options", {}), self.path / MANIFEST)
-        _readers.add(self)
+        _POOL.readers.add(self)
 
     def _open_payload(self, shard_dir: Path, shard: dict) -> _ShardEnv:
         payload = shard["payload"]
@@ -301,13 +338,19 @@ class Reader(ShardedBank):
         if st.st_size != payload["size"]:
             # Checked before mapping it: a page past the end of a truncated file is a SIGBUS.
             raise BankError(f"{path}: LMDB file has {st.st_size} bytes, expected {payload['size']} (truncated?)")
-        key = (st.st_dev, st.st_ino)
-        env = _acquire_env(path, key)
-        entries = env.stat()["entries"]
+        handle = _ShardEnv(shard_dir, shard, path, (st.st_dev, st.st_ino))
+        entries = handle.env.stat()["entries"]
         if entries != shard["num_crops"]:
-            _release_env(key, env)
+            handle.close()
             raise BankError(f"{path}: holds {entries} crops, the manifest says {shard['num_crops']}")
-        return _ShardEnv(path, key, env, payload.get("filter", "none"))
+        return handle
 
     def _read(self, handle: _ShardEnv, local: np.ndarray, out: np.ndarray) -> None:
-        handle.read(local, out)
+        try:
+            handle.read(local, out)
+        except StaleHandle:  # another thread forked between this call's handle lookup and its read
+            fresh = self._open_payload(handle.shard_dir, handle.shard)
+            try:
+                fresh.read(local, out)
+            finally:
+                fresh.close()

@@ -43,7 +43,7 @@ import zstandard
 from instbank.errors import BankError
 from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, save_npy_atomic
 from instbank.storage.lmdb_bank import zstd_decode_into
-from instbank.types import META_DTYPE, BankCrop, CropMeta
+from instbank.types import BankCrop, CropMeta
 
 TAR_PATTERN = "bank-%06d.tar"
 INDEX = "index.npy"
@@ -105,28 +105,29 @@ def encode_png(crop: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def decode_png_into(data, dest: np.ndarray, where: str) -> None:
-    """Decode an RGBA PNG into ``dest`` uint8 ``[4, S, S]``; ``BankError`` naming ``where`` on fault."""
+def decode_png_into(data, dest: np.ndarray) -> None:
+    """Decode an RGBA PNG into ``dest`` uint8 ``[4, S, S]``; ``ValueError`` saying what is wrong."""
     import cv2
 
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     s = dest.shape[-1]
-    if img is None or img.shape != (s, s, 4):
-        got = "undecodable" if img is None else f"shape {img.shape}"
-        raise BankError(f"{where}: stored PNG is {got}, expected a {s}x{s} RGBA image (corrupt)")
+    if img is None or img.shape != (s, s, 4) or img.dtype != np.uint8:
+        got = "undecodable" if img is None else f"{img.dtype} of shape {img.shape}"
+        raise ValueError(f"is {got}, expected a {s}x{s} RGBA PNG")
     dest[...] = img.transpose(2, 0, 1)[[2, 1, 0, 3]]
 
 
-def decode_member_into(codec: str, data, dest: np.ndarray, where: str) -> None:
-    """Decode one pixel member (any buffer) into ``dest`` uint8 ``[4, S, S]``."""
+def decode_member_into(codec: str, data, dest: np.ndarray) -> None:
+    """Decode one pixel member (any buffer) into ``dest`` uint8 ``[4, S, S]``; ``ValueError``
+    saying what is wrong (the caller names the file)."""
     if codec == "zstd":
-        zstd_decode_into(data, dest.reshape(-1), where)
+        zstd_decode_into(data, dest.reshape(-1))
     elif codec == "raw":
         if len(data) != dest.nbytes:
-            raise BankError(f"{where}: stored crop has {len(data)} bytes, expected {dest.nbytes} (corrupt)")
+            raise ValueError(f"has {len(data)} bytes, expected {dest.nbytes}")
         dest.reshape(-1)[:] = np.frombuffer(data, np.uint8)
     else:
-        decode_png_into(data, dest, where)
+        decode_png_into(data, dest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +231,11 @@ class _TarShard:
     def read(self, local: np.ndarray, out: np.ndarray) -> None:
         rows = self.index[local]
         for k, (tar, offset, size) in enumerate(rows.tolist()):
-            data = self.views[tar][offset : offset + size]
-            decode_member_into(self.codec, data, out[k], f"{self.paths[tar]} member of crop {int(local[k])}")
+            try:
+                decode_member_into(self.codec, self.views[tar][offset : offset + size], out[k])
+            except ValueError as e:
+                where = f"{self.paths[tar]} member of crop {int(local[k])}"
+                raise BankError(f"{where}: stored crop {e} (corrupt)") from None
 
     def close(self) -> None:
         self.views = []  # the arrays export the maps' buffers: drop them before closing the maps
@@ -266,18 +270,83 @@ def _load_index(path: Path, num_crops: int, tars: list[dict]) -> np.ndarray:
     return index
 
 
+def _member_crop(info: tarfile.TarInfo, num_crops: int) -> int:
+    """Shard-local crop index named by a member (``KEY`` = ``{shard}-{local:09d}``)."""
+    local = int(info.name.partition(".")[0].rpartition("-")[2])
+    if not 0 <= local < num_crops:
+        raise ValueError(f"member {info.name} names crop {local}, the shard has {num_crops}")
+    return local
+
+
+def _check_member(info: tarfile.TarInfo, local: int, tf: tarfile.TarFile, tar_no: int, payload, index, meta) -> bool:
+    """Check one member against the index and meta rows (``ValueError`` saying what disagrees);
+    True for the pixel member."""
+    member = info.name.partition(".")[2]
+    if member == payload["member"]:
+        if (tar_no, info.offset_data, info.size) != tuple(index[local].tolist()):
+            raise ValueError(f"member {info.name} is not where {INDEX} says")
+        return True
+    if member == "cls":
+        if int(tf.extractfile(info).read()) != int(meta[local]["class_id"]):
+            raise ValueError(f"member {info.name} disagrees with meta.npy")
+    elif member == "json":
+        if json.loads(tf.extractfile(info).read()) != meta_to_json(meta[local]):
+            raise ValueError(f"member {info.name} disagrees with meta.npy")
+    else:
+        raise ValueError(f"unexpected member {info.name}")
+    return False
+
+
+def _check_tar(path: Path, tar_no: int, tar: dict, payload: dict, index, meta) -> tuple[str, Path, int | None] | None:
+    current, last, seen = None, None, 0
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for info in tf:
+                current = _member_crop(info, len(meta))
+                seen += _check_member(info, current, tf, tar_no, payload, index, meta)
+                last, current = current, None
+    except (OSError, ValueError, tarfile.TarError) as e:
+        return (f"{path}: {e}", path, current)
+    if seen != tar["count"]:
+        # tarfile ends quietly at a damaged header: the samples after it are out of a stream's reach
+        after = f" after crop {last}" if last is not None else ""
+        return (f"{path}: {seen} of {tar['count']} samples readable (damaged tar header{after}?)", path, None)
+    return None
+
+
+def verify_payload(shard_dir: Path, shard: dict, meta: np.ndarray) -> list[tuple[str, Path, int | None]]:
+    """Read every tar of a shard as a stream reader would: each sample's ``.cls`` and ``.json`` must
+    agree with ``meta.npy`` (the digests cover only the pixels and meta.npy), each pixel member
+    must sit where the index says, and every sample must be reachable. Returns ``(message, tar
+    path, shard-local crop or None)`` for the first fault of each tar (for ``instbank verify``)."""
+    payload = shard["payload"]
+    try:
+        index = _load_index(shard_dir / payload["index"], shard["num_crops"], payload["tars"])
+    except BankError as e:
+        return [(str(e), shard_dir / payload["index"], None)]
+    checks = (_check_tar(shard_dir / t["file"], k, t, payload, index, meta) for k, t in enumerate(payload["tars"]))
+    return [problem for problem in checks if problem is not None]
+
+
+def _where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
+
+
 def decode_sample(sample: dict, crop_size: int, codec: str) -> BankCrop:
     """A WebDataset sample dict (raw member bytes) -> ``BankCrop`` (module-level: picklable)."""
-    where = f"{sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
     member = MEMBERS[codec]
     if member not in sample or "json" not in sample:
-        raise BankError(f"{where}: missing .{member} or .json member (not an instbank {codec} tar?)")
+        raise BankError(f"{_where(sample)}: missing .{member} or .json member (not an instbank {codec} tar?)")
     rgba = np.empty((4, crop_size, crop_size), np.uint8)
-    decode_member_into(codec, sample[member], rgba, where)
-    row = np.zeros((), META_DTYPE)
-    for name, value in json.loads(sample["json"]).items():
-        row[name] = value
-    return BankCrop(rgba, int(row["class_id"]), CropMeta.from_row(row), None)
+    try:
+        decode_member_into(codec, sample[member], rgba)
+    except ValueError as e:
+        raise BankError(f"{_where(sample)}: stored crop {e} (corrupt)") from None
+    m = json.loads(sample["json"])
+    meta = CropMeta(
+        m["image_id"], m["ann_id"], tuple(m["src_box"]), m["scale"], tuple(m["offset"]), m["area"], m["truncated"]
+    )
+    return BankCrop(rgba, m["class_id"], meta, None)
 
 
 class Reader(ShardedBank):

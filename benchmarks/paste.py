@@ -1,0 +1,249 @@
+"""Copy-paste speed: instbank against AlbumentationsX on CPU, Triton against the torch reference on GPU.
+
+    .venv/bin/python benchmarks/paste.py [--size 512] [--k 8] [--crop 128] [--images 32]
+        [--cpu-batch 8] [--existing 4] [--threads 1] [--repeats 3] [--bank out/demo-bank]
+        [--gpu-batch 32] [--gpu-sizes 512 1024] [--peak-bw GB/s]
+
+(a) CPU, per image, both sides doing the whole augmentation of one training sample: the same
+``--k`` crops pasted into the same ``--size``² uint8 image holding ``--existing`` instances,
+annotations updated (pasted masks and boxes, existing instances cut, refit or dropped).
+
+- instbank: ``BankCopyPaste(impl="torch")`` on batches of ``--cpu-batch`` images (plan, alpha
+  preparation, compositing, annotations), object's longer side log-uniform in 1/8..1/4 of 512.
+- AlbumentationsX: ``Compose([CopyAndPaste(p=1, scale_range=(0.5, 1))], instance_binding=
+  ["masks", "bboxes"])`` called once per image with the K crops as ``copy_paste_metadata`` donors
+  (RGB + ``alpha >= 128`` mask): it tight-crops each donor to its mask (an object of up to S=128
+  px) and shrinks it by 0.5..1, so objects get the same 64..128 px.
+
+Rows: ``hard`` (alpha thresholded) and ``gaussian`` (alpha blurred, sigma 1..3) blending on both
+sides; median over ``--repeats`` of ms per image, wall clock and process CPU time (the latter
+moves less when other jobs share the machine), ratio = AlbumentationsX / instbank. ``--threads``
+sets both torch's and OpenCV's thread count (DataLoader workers run torch with 1 thread).
+
+(b) GPU, only with CUDA: ``paste_image`` of the Triton kernel against the torch reference on the
+same device, uint8 images ``[--gpu-batch, 3, H, W]`` for each ``--gpu-sizes``, K crops of S², same
+plan and prepared alpha; CUDA events around each call after a warm-up, median of ``--repeats``.
+Bytes moved per call = images read + images written + crops read + visible masks written
+(``2*B*3*H*W + B*K*4*S*S + B*K*H*W``); GB/s against ``--peak-bw`` when given. Agreement (max
+level difference, masks equal) is printed beside the times.
+
+Crops: the first ``B*K`` crops of ``--bank`` when it exists (any backend), else synthetic ones
+(``instbank.testing.synthetic_crops``: constant colour, alpha disk); the crop size is the bank's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instbank.paste import BankCopyPaste, CopyPasteConfig, prepare_alpha
+from instbank.paste.plan import CropGeometry, draw_plan
+from instbank.paste.reference import paste_image as torch_paste_image
+from instbank.testing import synthetic_crops
+
+SCALE_RANGE = (1 / 8, 1 / 4)  # object's longer side / 512: 64..128 px, AlbumentationsX's 0.5..1 x 128
+SIGMA_RANGE = (1.0, 3.0)  # AlbumentationsX's default blend_sigma_range
+
+
+def load_crops(bank: Path, count: int, size: int) -> tuple[np.ndarray, str]:
+    """uint8 ``[count, 4, S, S]`` crops and a line saying where they come from."""
+    if (bank / "manifest.json").exists():
+        from instbank.storage import open_bank
+
+        reader = open_bank(bank)
+        idx = np.arange(count) % len(reader)
+        return np.asarray(reader.get_many(idx)), f"{count} real crops of {bank} ({reader.version})"
+    return synthetic_crops(np.arange(count), size), f"{count} synthetic crops (no bank at {bank})"
+
+
+def existing_instances(b: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 ``[b, n, size, size]`` ellipse masks, one per instance."""
+    yy, xx = np.mgrid[:size, :size]
+    masks = np.zeros((b, n, size, size), np.uint8)
+    for i in range(b):
+        for j in range(n):
+            cx, cy = rng.uniform(0.2, 0.8, 2) * size
+            rx, ry = rng.uniform(0.05, 0.2, 2) * size
+            masks[i, j] = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    return masks
+
+
+def median_ms(fn, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and process CPU milliseconds of ``fn()`` over ``repeats`` after a warm-up.
+
+    CPU time (``time.process_time``) is what the work costs this process; on a machine shared with
+    other jobs it moves less than wall time, which also counts waiting for a core.
+    """
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
+# --------------------------------------------------------------------------------------------
+# (a) CPU
+
+
+def instbank_cpu(images, crops, masks, labels, blend, batch, k):
+    """A function pasting every image once through ``BankCopyPaste``, by batches of ``batch``."""
+    module = BankCopyPaste(
+        CopyPasteConfig(scale_range=SCALE_RANGE, blend=blend, sigma_range=SIGMA_RANGE, impl="torch")
+    )
+    generator = torch.Generator().manual_seed(0)
+    packed_all = torch.cat([crops, torch.zeros_like(crops[:, :, :1])], dim=2)  # class-id plane 0
+
+    def run():
+        for lo in range(0, len(images), batch):
+            hi = lo + batch
+            module.set_bank_batch(packed_all[lo:hi])
+            module(images[lo:hi], masks[lo:hi], labels=labels[lo:hi], generator=generator)
+
+    return run
+
+
+def albumentations_cpu(images, crops, masks, blend, k):
+    """A function pasting every image once through AlbumentationsX ``CopyAndPaste``."""
+    import albumentations as A
+
+    transform = A.Compose(
+        [A.CopyAndPaste(p=1.0, scale_range=(0.5, 1.0), blend_mode=blend, blend_sigma_range=SIGMA_RANGE)],
+        bbox_params=A.BboxParams(coord_format="pascal_voc", label_fields=["class_labels"]),
+        instance_binding=["masks", "bboxes"],
+        seed=0,
+    )
+    samples = []
+    for i in range(len(images)):
+        donors = [
+            {
+                "image": np.ascontiguousarray(crops[i, j, :3].permute(1, 2, 0).numpy()),
+                "mask": (crops[i, j, 3] >= 128).numpy().astype(np.uint8),
+                "bbox_labels": {"class_labels": 0},
+            }
+            for j in range(k)
+        ]
+        instances = []
+        for m in masks[i].numpy():
+            ys, xs = np.nonzero(m)
+            box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            instances.append({"mask": m, "bbox": box, "bbox_labels": {"class_labels": 1}})
+        samples.append((np.ascontiguousarray(images[i].permute(1, 2, 0).numpy()), instances, donors))
+
+    def run():
+        for image, instances, donors in samples:
+            transform(image=image, instances=instances, copy_paste_metadata=donors)
+
+    return run
+
+
+def cpu_section(args, crops_np: np.ndarray, source: str) -> None:
+    import albumentations as A
+    import cv2
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    n, k, s = args.images, args.k, crops_np.shape[-1]
+    rng = np.random.default_rng(0)
+    crops = torch.from_numpy(crops_np).view(n, k, 4, s, s)
+    images = torch.from_numpy(rng.integers(0, 256, (n, 3, args.size, args.size), dtype=np.uint8))
+    masks_np = existing_instances(n, args.existing, args.size, rng)
+    masks = torch.from_numpy(masks_np)
+    labels = torch.ones((n, args.existing), dtype=torch.int64)
+    print(f"(a) CPU: {n} images {args.size}x{args.size}, K={k} crops of {s}x{s} each, "
+          f"{args.existing} existing instances; {source}")
+    print(f"    torch {torch.__version__} ({args.threads} thread), albumentationsx {A.__version__}, "
+          f"opencv {cv2.__version__} ({args.threads} thread); instbank batches of {args.cpu_batch}")
+    print(f"    {'blend':9s} {'clock':5s} {'instbank ms/img':>16s} {'AlbumentationsX ms/img':>23s} {'ratio':>7s}")
+    for blend in ("hard", "gaussian"):
+        ours = median_ms(instbank_cpu(images, crops, masks, labels, blend, args.cpu_batch, k), args.repeats)
+        theirs = median_ms(albumentations_cpu(images, crops, masks, blend, k), args.repeats)
+        for clock, a, b in (("wall", ours[0] / n, theirs[0] / n), ("cpu", ours[1] / n, theirs[1] / n)):
+            print(f"    {blend:9s} {clock:5s} {a:16.2f} {b:23.2f} {b / a:6.1f}x")
+
+
+# --------------------------------------------------------------------------------------------
+# (b) GPU
+
+
+def cuda_ms(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def gpu_section(args, crops_np: np.ndarray, source: str) -> None:
+    if not torch.cuda.is_available():
+        print("(b) GPU: no CUDA device: skipped")
+        return
+    try:
+        from instbank.paste.triton_kernel import paste_image as triton_paste_image
+    except ImportError as exc:
+        print(f"(b) GPU: Triton kernel unavailable ({exc}): skipped")
+        return
+    dev = torch.device("cuda")
+    b, k, s = args.gpu_batch, args.k, crops_np.shape[-1]
+    crops = torch.from_numpy(crops_np[: b * k]).view(b, k, 4, s, s).to(dev)
+    print(f"(b) GPU {torch.cuda.get_device_name(dev)}: B={b}, K={k}, S={s}, uint8; {source}")
+    peak = f" (peak {args.peak_bw:g} GB/s)" if args.peak_bw else ""
+    print(f"    {'H=W':>5s} {'torch ms':>9s} {'triton ms':>10s} {'ratio':>7s} {'triton GB/s':>12s}{peak}  agreement")
+    for size in args.gpu_sizes:
+        generator = torch.Generator(device=dev).manual_seed(0)
+        images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=dev, generator=generator)
+        geometry = CropGeometry.from_alpha(crops[:, :, 3], torch.zeros((b, k), dtype=torch.int64, device=dev))
+        plan = draw_plan(geometry, (size, size), generator, scale_range=SCALE_RANGE, blend="gaussian",
+                         sigma_range=SIGMA_RANGE)
+        prepared = prepare_alpha(crops, plan)
+        ref_ms = cuda_ms(lambda: torch_paste_image(images, prepared, plan), args.repeats)
+        tri_ms = cuda_ms(lambda: triton_paste_image(images, prepared, plan), args.repeats)
+        moved = 2 * b * 3 * size * size + b * k * 4 * s * s + b * k * size * size
+        gbps = moved / (tri_ms * 1e-3) / 1e9
+        share = f" = {100 * gbps / args.peak_bw:.0f}% of peak" if args.peak_bw else ""
+        ref_out, ref_vis = torch_paste_image(images, prepared, plan)
+        tri_out, tri_vis = triton_paste_image(images, prepared, plan)
+        diff = (ref_out.int() - tri_out.int()).abs().max().item()
+        same = bool(torch.equal(ref_vis, tri_vis))
+        print(f"    {size:5d} {ref_ms:9.2f} {tri_ms:10.3f} {ref_ms / tri_ms:6.1f}x {gbps:12.1f}{share}  "
+              f"max |diff| {diff} level, masks {'equal' if same else 'DIFFER'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128, help="synthetic crop size (a bank sets its own)")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--cpu-batch", type=int, default=8)
+    parser.add_argument("--existing", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bank", type=Path, default=Path("out/demo-bank"))
+    parser.add_argument("--gpu-batch", type=int, default=32)
+    parser.add_argument("--gpu-sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--peak-bw", type=float, default=None, help="device peak memory bandwidth, GB/s")
+    parser.add_argument("--skip-cpu", action="store_true")
+    args = parser.parse_args()
+    count = max(args.images, args.gpu_batch) * args.k
+    crops_np, source = load_crops(args.bank, count, args.crop)
+    if not args.skip_cpu:
+        cpu_section(args, crops_np[: args.images * args.k], source)
+    gpu_section(args, crops_np, source)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The distributed build on Ray Data (``build_bank(..., engine="ray")``).
+
+Each shard of the build plan becomes one row of a Ray dataset, and one Ray task (``num_cpus=1``)
+runs :func:`instbank.build.build_shard` on it, writing the shard's files straight into the bank
+directory. The driver only collects each shard's ``shard.json`` content; the manifest is assembled
+by ``build_bank`` afterwards, exactly as with the local engine, so the bank (and its ``version``)
+is the same whatever engine, worker count or task order produced it.
+
+What a task receives: the shard's ``ImageRecord``s pickled (paths, ids, polygons/RLE), not the
+source path and an image range. Pickled records weigh about 4 KB per COCO image (measured on
+coco_tiny_2017), 2 MB for a 512-image shard, ~0.5 GB in Ray's object store for all of COCO
+train2017; re-reading the source instead would re-parse the 448 MB train2017 json in every task,
+6-25 s per shard at the rates ``read_coco`` reaches here (70 MB/s, 37k instances/s).
+
+Shard tasks are idempotent: ``ShardWriter`` clears an unfinished shard directory before writing,
+so a task that Ray retries after a lost worker, or a shard redone by ``--resume``, starts clean.
+
+On a cluster (``address=``), every node must see the image files and the bank directory at the
+same paths: a shared POSIX filesystem (NFS, Lustre, a FUSE mount). Object stores (``s3://``,
+``gs://``) are not written to directly: the writers use plain files, fsync, rename and (LMDB)
+mmap. See docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from instbank.build import BuildConfig, ProgressFn, build_shard
+from instbank.errors import BuildError
+from instbank.types import ImageRecord
+
+RAY_MISSING = "engine 'ray' needs Ray Data, which is not installed: pip install 'instbank[ray]'"
+
+
+class RemoteTraceback(Exception):
+    """Carries a Ray task's formatted traceback as the ``__cause__`` of the error re-raised in the
+    driver (the same device as ``concurrent.futures``' process pool)."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise BuildError(RAY_MISSING) from None
+    return ray
+
+
+def shard_rows(jobs: Sequence[tuple[Sequence[ImageRecord], Path]]) -> list[dict[str, Any]]:
+    """One row per shard job: ``{"shard": int, "shard_dir": str, "images": bytes}`` (pickled records)."""
+    return [
+        {"shard": i, "shard_dir": str(shard_dir), "images": pickle.dumps(list(images), protocol=pickle.HIGHEST_PROTOCOL)}
+        for i, (images, shard_dir) in enumerate(jobs)
+    ]
+
+
+def build_shard_row(row: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
+    """The Ray Data map function: build one shard; returns ``{"shard", "info", "error", "traceback"}``.
+
+    Errors are returned as data (the pickled exception) rather than raised: Ray Data wraps a raised
+    exception in ``RayTaskError(UserCodeException)`` and drops the original, and the driver should
+    re-raise the project's own one-line ``BuildError`` as it is. Every row has every key, with the
+    same types, so the blocks share one Arrow schema.
+    """
+    try:
+        info = build_shard(pickle.loads(row["images"]), row["shard_dir"], config)
+    except Exception as e:  # noqa: BLE001 - shipped to the driver and re-raised there
+        return {"shard": row["shard"], "info": "", "error": _pickle_error(e), "traceback": traceback.format_exc()}
+    return {"shard": row["shard"], "info": json.dumps(info), "error": b"", "traceback": ""}
+
+
+def _pickle_error(e: Exception) -> bytes:
+    """``e`` pickled, checked to unpickle (exceptions whose ``__init__`` takes other arguments than
+    their ``args`` pickle fine and fail to load); otherwise a ``BuildError`` with its text."""
+    try:
+        data = pickle.dumps(e)
+        pickle.loads(data)
+        return data
+    except Exception:  # noqa: BLE001 - an exception that cannot cross processes keeps its text
+        return pickle.dumps(BuildError(f"{type(e).__name__}: {e}"))
+
+
+def _raise_task_error(row: dict[str, Any]) -> None:
+    raise pickle.loads(row["error"]) from RemoteTraceback(row["traceback"])
+
+
+@contextmanager
+def ray_session(workers: int, address: str | None = None, runtime_env: dict | None = None) -> Iterator[Any]:
+    """Yield the ``ray`` module, initialised. An already-initialised Ray (the caller's) is used as it
+    is and left running; otherwise join ``address`` or start a local Ray with ``workers`` CPUs, and
+    shut it down on exit."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "runtime_env": runtime_env}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, **quiet)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _quiet_data_context(ray) -> Iterator[None]:
+    """Silence Ray Data's progress bars and its per-execution log lines for the build (instbank
+    reports progress itself), then restore the caller's settings: both are process-global."""
+    ctx = ray.data.DataContext.get_current()
+    settings = {"enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False}
+    saved = {k: getattr(ctx, k) for k in settings}
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # also hides the "progress bars disabled" warning this causes
+    for k, v in settings.items():
+        setattr(ctx, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        logger.setLevel(level)
+
+
+def run_ray(
+    jobs: Sequence[tuple[Sequence[ImageRecord], Path]],
+    config: BuildConfig,
+    workers: int,
+    progress: ProgressFn | None = None,
+    address: str | None = None,
+    runtime_env: dict | None = None,
+) -> Iterator[dict]:
+    """Run shard jobs as Ray Data tasks, at most ``workers`` at a time; yield shard infos in order.
+
+    ``jobs``: ``(images, shard_dir)`` pairs as built by ``build_bank``. ``address``: join that Ray
+    cluster (``"auto"``, ``"ray://head:10001"``); ``runtime_env``: passed to ``ray.init`` (e.g.
+    ``{"pip": ["instbank"]}`` when the cluster's nodes do not have instbank installed). Each info is
+    yielded as soon as it and every shard before it are done. ``progress(images, crops)`` is called
+    once per finished shard, in completion order (tasks cannot call back into the driver).
+    A task's exception is re-raised here as it was raised there (``BuildError`` for disk full,
+    unwritable output), with the task's traceback as ``__cause__``.
+    """
+    if not jobs:
+        return
+    with ray_session(workers, address, runtime_env) as ray, _quiet_data_context(ray):
+        rows = shard_rows(jobs)
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block = one task = one shard
+        results = dataset.map(
+            build_shard_row,
+            fn_kwargs={"config": config},
+            num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=max(1, min(workers, len(rows)))),
+        )
+        yield from _in_shard_order(results.iter_rows(), len(rows), progress, Path(jobs[0][1]).parent.parent)
+
+
+def _in_shard_order(rows, count: int, progress: ProgressFn | None, bank_dir: Path) -> Iterator[dict]:
+    done: dict[int, dict] = {}
+    next_shard = 0
+    for row in rows:
+        if row["error"]:
+            _raise_task_error(row)
+        info = json.loads(row["info"])
+        if progress:
+            progress(info["num_images"], info["num_crops"])
+        done[row["shard"]] = info
+        while next_shard in done:
+            yield done.pop(next_shard)
+            next_shard += 1
+    if next_shard != count:
+        raise BuildError(f"{bank_dir}: Ray returned {next_shard} of {count} shards (a task's result was lost); rerun with --resume")
