@@ -1,27 +1,32 @@
 """Read throughput and size of each storage backend against the bare loop it is built on.
 
     .venv/bin/python benchmarks/read_throughput.py [--crops 50000] [--sizes 64 128] [--batch 256]
-        [--batches 40] [--repeats 3] [--dir /tmp/instbank-bench-read] [--real-bank out/demo-bank]
+        [--batches 40] [--repeats 3] [--unique 8192] [--stream-tars 4]
+        [--dir /tmp/instbank-bench-read] [--real-bank out/demo-bank] [--keep]
 
-Content: ``--crops`` crops per size, cut from random boxes (log-uniform side, random aspect) of
-the JPEGs in data/sample/coco/images, scaled to fit S x S and letterboxed with zeros as the build
-does, with an anti-aliased alpha disk. Real texture matters: compression ratios on constant planes
-mean nothing. The same crops (and the same digests) go into every backend, 4 shards each.
+Content: ``--crops`` crops per size, ``--unique`` of them distinct, cut from random boxes
+(log-uniform side, random aspect) of the JPEGs in data/sample/coco/images, scaled to fit S x S and
+letterboxed with zeros as the build does, with an anti-aliased alpha disk. Real texture matters:
+compression ratios on constant planes mean nothing; repeats do not, since every crop is compressed
+on its own. The same crops (and digests) go into every backend, 4 shards each.
 
-Each side reads the same random ``get_many(--batch)`` index batches; a row reports the median
-over ``--repeats`` of the crops/s over ``--batches`` batches, and the ratio backend / bare:
+Each row runs the backend side and its bare side alternately (load from other processes hits both
+alike), one untimed run each first, then reports the median crops/s over ``--repeats`` and the
+ratio backend / bare:
 
-- memmap vs a numpy fancy-index gather (``np.take(..., out=)``) from the same crops in RAM
-- lmdb vs a bare loop of zstd decompression of the same stored values held in RAM, followed by
-  the same filter inverse (the least any reader of those bytes must do)
-- webdataset random access (index + mmap) vs the same bare zstd loop over its stored members
-- webdataset ``stream()`` (one epoch, one process) vs a bare ``tarfile`` read of the same tars
-  (members read, grouped by key, pixels zstd-decoded, class id and JSON meta parsed)
+- memmap ``get_many`` vs a numpy fancy-index gather (``np.take(..., out=)``) of the same crops in RAM
+- lmdb ``get_many`` vs a bare loop of zstd decompression of the same stored values held in RAM,
+  then the same filter inverse (the least any reader of those bytes must do)
+- webdataset ``get_many`` (index + mmap) vs the same bare zstd loop over its stored members
+- webdataset ``stream()`` of the first ``--stream-tars`` tars (2048 crops each), one process, vs a
+  bare ``tarfile`` read of the same tars (members read, grouped by key, pixels zstd-decoded,
+  class id and JSON meta parsed)
 
-Bytes on disk are the payload files (pixels.u8 / data.mdb / tars + index) against raw RGBA
-(``N*4*S*S``). The filter table compresses the first 2048 crops (or all crops of ``--real-bank``,
-a bank built from real annotations, any backend) with each LMDB filter and a horizontal-delta
-candidate, and times their decode. Bank files go under ``--dir`` (removed at the end unless --keep).
+``get_many`` rows read ``--batches`` random batches of ``--batch`` indices. Bytes on disk are the
+payload files (pixels.u8 / data.mdb / tars + index) against raw RGBA (``N*4*S*S``). The filter
+table compresses the first 2048 crops (and all crops of ``--real-bank``, a bank built from real
+annotations, any backend) with each LMDB filter and a horizontal-delta candidate, and times their
+decode. Bank files go under ``--dir``, removed at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ BACKENDS = {  # label -> (backend, options)
     "memmap": ("memmap", {}),
     "lmdb (up-rgb)": ("lmdb", {}),
     "lmdb (no filter)": ("lmdb", {"filter": "none"}),
-    "webdataset (zstd)": ("webdataset", {}),
+    "webdataset (zstd)": ("webdataset", {"maxcount": 2048}),  # tars to stream a few of
 }
 
 
@@ -124,15 +129,26 @@ def payload_bytes(path: Path) -> int:
 
 
 def median_rate(fn, crops: int, repeats: int) -> float:
-    """Median crops/s of ``fn()`` (which handles ``crops`` crops) over ``repeats`` runs, after one
-    untimed run (page faults of first touch, lazy opens)."""
-    fn()
+    """Median crops/s of ``fn()`` (which handles ``crops`` crops) over ``repeats`` runs."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return crops / statistics.median(times)
+
+
+def paired_rates(backend_fn, bare_fn, crops: int, repeats: int) -> tuple[float, float]:
+    """Median crops/s of both sides, run alternately (a shared machine's load hits both alike),
+    after one untimed run of each (first-touch page faults, lazy opens)."""
+    backend_fn(), bare_fn()
+    times: dict = {backend_fn: [], bare_fn: []}
+    for _ in range(repeats):
+        for fn in (backend_fn, bare_fn):
+            t0 = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t0)
+    return crops / statistics.median(times[backend_fn]), crops / statistics.median(times[bare_fn])
 
 
 def bare_zstd_loop(values: list[bytes], batches, out: np.ndarray, filt: str):
@@ -205,9 +221,9 @@ def bare_tar_read(tars: list[Path], size: int):
     return run
 
 
-def stream_epoch(bank):
+def stream_epoch(bank, tars: list[Path]):
     def run():
-        return sum(1 for _ in bank.stream())
+        return sum(1 for _ in bank.stream(urls=[str(t) for t in tars]))
 
     return run
 
@@ -257,14 +273,21 @@ def filter_table(crops: np.ndarray, repeats: int) -> list[tuple[str, float, floa
 # --------------------------------------------------------------------------------------------
 
 
+def bank_content(n: int, size: int, unique: int, images) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` crops (``unique`` distinct patches, repeated: each crop is compressed on its own, so
+    ratios and decode costs are those of the distinct ones), meta rows and digests."""
+    pool = realistic_crops(min(n, unique), size, images, seed=size)
+    crops = pool[np.arange(n) % len(pool)]
+    meta = synthetic_meta(np.arange(n), default_class_ids(n, 20), size)
+    return crops, meta, crop_digests(crops, meta)
+
+
 def run_size(size: int, args, images) -> None:
     n = args.crops
     print(f"\n## S={size}: {n} crops ({n * 4 * size * size / 1e9:.2f} GB raw), random get_many({args.batch}) "
           f"x {args.batches} batches, median of {args.repeats}", flush=True)
     t0 = time.perf_counter()
-    crops = realistic_crops(n, size, images, seed=size)
-    meta = synthetic_meta(np.arange(n), default_class_ids(n, 20), size)
-    digests = crop_digests(crops, meta)
+    crops, meta, digests = bank_content(n, size, args.unique, images)
     print(f"content + digests: {time.perf_counter() - t0:.1f} s", flush=True)
 
     banks, sizes, values = {}, {}, {}
@@ -283,28 +306,31 @@ def run_size(size: int, args, images) -> None:
     batches = [rng.integers(0, n, args.batch) for _ in range(args.batches)]
     count = args.batch * args.batches
     out = np.empty((args.batch, 4, size, size), np.uint8)
+
     def gather():
         for idx in batches:
             np.take(crops, idx, axis=0, out=out)
 
-    rows = []
-    rows.append(("memmap get_many", median_rate(bank_loop(banks["memmap"], batches, out), count, args.repeats),
-                 "numpy gather in RAM", median_rate(gather, count, args.repeats), 0.8))
+    rows = [("memmap get_many", bank_loop(banks["memmap"], batches, out), "numpy gather in RAM", gather, count, 0.8)]
     for label, filt in (("lmdb (up-rgb)", "up-rgb"), ("lmdb (no filter)", "none")):
-        rows.append((f"{label} get_many", median_rate(bank_loop(banks[label], batches, out), count, args.repeats),
-                     f"bare zstd loop{' + unfilter' if filt != 'none' else ''}",
-                     median_rate(bare_zstd_loop(values[label], batches, out, filt), count, args.repeats), 0.8))
+        bare_name = f"bare zstd loop{' + unfilter' if filt != 'none' else ''}"
+        bare = bare_zstd_loop(values[label], batches, out, filt)
+        rows.append((f"{label} get_many", bank_loop(banks[label], batches, out), bare_name, bare, count, 0.8))
     wds = banks["webdataset (zstd)"]
-    rows.append(("webdataset get_many", median_rate(bank_loop(wds, batches, out), count, args.repeats),
-                 "bare zstd loop", median_rate(bare_zstd_loop(tar_values(wds), batches, out, "none"), count,
-                                               args.repeats), None))
-    rows.append(("webdataset stream()", median_rate(stream_epoch(wds), n, args.repeats),
-                 "bare tarfile read", median_rate(bare_tar_read(wds.tar_paths(), size), n, args.repeats), 0.8))
+    bare = bare_zstd_loop(tar_values(wds), batches, out, "none")
+    rows.append(("webdataset get_many", bank_loop(wds, batches, out), "bare zstd loop", bare, count, None))
+    first_tars = [(sdir / t["file"], t["count"]) for sdir, shard, _ in wds.iter_shards() for t in shard["payload"]["tars"]]
+    tars = [path for path, _ in first_tars[: args.stream_tars]]
+    streamed = sum(count for _, count in first_tars[: args.stream_tars])
+    rows.append(("webdataset stream()", stream_epoch(wds, tars), "bare tarfile read", bare_tar_read(tars, size),
+                 streamed, 0.8))
 
     print(f"\n{'backend side':26s} {'crops/s':>9s}   {'bare side':26s} {'crops/s':>9s} {'ratio':>6s} {'target':>7s}")
-    for name, rate, bare_name, bare_rate, target in rows:
+    for name, backend_fn, bare_name, bare_fn, crops_per_run, target in rows:
+        rate, bare_rate = paired_rates(backend_fn, bare_fn, crops_per_run, args.repeats)
         goal = f">= {target}" if target else ""
-        print(f"{name:26s} {rate:9.0f}   {bare_name:26s} {bare_rate:9.0f} {rate / bare_rate:6.2f} {goal:>7s}")
+        print(f"{name:26s} {rate:9.0f}   {bare_name:26s} {bare_rate:9.0f} {rate / bare_rate:6.2f} {goal:>7s}",
+              flush=True)
 
     print(f"\nfilter choice (zstd level 3, decode = decompress + inverse), {min(n, 2048)} of these crops:")
     print_filters(filter_table(crops[:2048], args.repeats))
@@ -319,6 +345,8 @@ def print_filters(rows) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--crops", type=int, default=50_000)
+    parser.add_argument("--unique", type=int, default=8192, help="distinct patches among the crops")
+    parser.add_argument("--stream-tars", type=int, default=4, help="tars (2048 crops each) to stream")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batches", type=int, default=40)

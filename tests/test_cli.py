@@ -93,3 +93,27 @@ def test_existing_bank_is_refused(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     proc = run_cli("--debug", "stats", str(tmp_path / "missing"), check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_convert_verify_merge(tmp_path):
+    src, lm, merged = tmp_path / "src", tmp_path / "lmdb", tmp_path / "merged"
+    run_cli("build", "--coco", str(SAMPLE_COCO), "--out", str(src), "--size", "16", "--workers", "1")
+    run_cli("convert", str(src), str(lm), "--backend", "lmdb")
+    v_src = json.loads(run_cli("stats", str(src), "--json").stdout)["version"]
+    v_lm = json.loads(run_cli("stats", str(lm), "--json").stdout)["version"]
+    assert v_lm.startswith("lmdb@") and v_lm.split("@")[1] == v_src.split("@")[1]
+    assert "54/54 crops checked, OK" in run_cli("verify", str(lm)).stdout
+    run_cli("merge", str(src), str(lm), "--out", str(merged))
+    assert json.loads(run_cli("stats", str(merged), "--json").stdout)["num_crops"] == 108
+    assert_one_line_error(run_cli("convert", str(src), str(tmp_path / "x"), "--backend", "zip", check=False), "zip")
+
+
+def test_verify_names_a_corrupt_crop(tmp_path):
+    bank = tmp_path / "b"
+    run_cli("build", "--coco", str(SAMPLE_COCO), "--out", str(bank), "--size", "16", "--workers", "1")
+    pixels = next(bank.glob("shards/*/pixels.u8"))
+    data = bytearray(pixels.read_bytes())
+    data[5 * 4 * 16 * 16 + 7] ^= 0xFF  # one byte of crop 5
+    pixels.write_bytes(bytes(data))
+    proc = run_cli("verify", str(bank), check=False)
+    assert proc.returncode == 1 and "problem" in proc.stdout and "5" in proc.stdout and "pixels.u8" in proc.stdout

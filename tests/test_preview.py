@@ -117,3 +117,11 @@ def test_cli_preview(sample_coco_bank, tmp_path):
     # an InputError: `instbank` (cli.main) prints it as one line "error: ..." with exit code 2
     assert isinstance(bad.exception, InputError) and not (tmp_path / "q.png").exists()
     assert str(bad.exception).startswith(f"{sample_coco_bank.path}: unknown class 'doge' in --classes; valid:")
+
+
+def test_bank_without_crops_gives_a_title_only_sheet(tmp_path):
+    from instbank.testing import write_synthetic_bank
+
+    bank = write_synthetic_bank(tmp_path / "empty", 0, size=8, num_classes=3)
+    result = write_preview(bank.path, tmp_path / "empty.png")
+    assert result.rows == [] and Image.open(result.png).size == result.size and result.size[1] < 100

@@ -79,21 +79,21 @@ def build(
     yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO-seg data.yaml or a dir with images/ and labels/."),
     images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --coco (default: guessed)."),
     out: Path = typer.Option(..., "--out", help="Bank directory to write."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset [memmap]"),
-    size: Optional[int] = typer.Option(None, "--size", help="Crop side S in pixels [128]."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes [all cores]."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset (default: memmap)"),
+    size: Optional[int] = typer.Option(None, "--size", help="Crop side S in pixels (default: 128)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
     min_area: Optional[int] = typer.Option(None, "--min-area", help="Skip masks under this many source pixels."),
     min_side: Optional[int] = typer.Option(None, "--min-side", help="Skip tight boxes whose shorter side is smaller."),
     max_aspect: Optional[float] = typer.Option(None, "--max-aspect", help="Skip boxes longer/shorter above this (0: off)."),
     skip_truncated: Optional[bool] = typer.Option(None, "--skip-truncated/--keep-truncated", help="Skip masks touching the border."),
-    crowd: Optional[str] = typer.Option(None, "--crowd", help="COCO iscrowd: skip | include [skip]."),
+    crowd: Optional[str] = typer.Option(None, "--crowd", help="COCO iscrowd: skip | include (default: skip)."),
     box_masks: Optional[bool] = typer.Option(None, "--box-masks/--no-box-masks", help="Box-only labels become rectangle masks."),
-    exif: Optional[str] = typer.Option(None, "--exif", help="EXIF orientation: follow | ignore [follow]."),
-    shard_images: Optional[int] = typer.Option(None, "--shard-images", help="Images per shard [auto]."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="local | ray [local]."),
+    exif: Optional[str] = typer.Option(None, "--exif", help="EXIF orientation: follow | ignore (default: follow)."),
+    shard_images: Optional[int] = typer.Option(None, "--shard-images", help="Images per shard (default: auto)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="local | ray (default: local)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (engine ray)."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec (lmdb/webdataset), e.g. zstd, raw, png."),
-    splits: Optional[str] = typer.Option(None, "--splits", help="YOLO data.yaml splits, e.g. train,val [all]."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="YOLO data.yaml splits, e.g. train,val (default: all)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
     resume: bool = typer.Option(False, "--resume", help="Keep finished shards of an interrupted build."),
@@ -237,6 +237,73 @@ def paste_demo(
     _err(f"wrote {result.summary()}")
 
 
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Bank to read."),
+    dst: Path = typer.Argument(..., help="Bank directory to write."),
+    backend: str = typer.Option(..., "--backend", help="memmap | lmdb | webdataset"),
+    codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec, e.g. zstd, raw, png."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at DST."),
+) -> None:
+    """Write a bank again with another backend (streaming; the content hash is kept)."""
+    from instbank.progress import count_progress
+    from instbank.storage import BACKENDS, load_manifest
+    from instbank.storage.convert import convert_bank
+
+    _check_backend(backend, BACKENDS)
+    total = load_manifest(src)["num_crops"]
+    with count_progress(total, "converting") as progress:
+        manifest = convert_bank(src, dst, backend, {"codec": codec} if codec else None, overwrite=overwrite,
+                                progress=progress)
+    _err(f"wrote {dst}: {manifest['num_crops']} crops, version {manifest['version']}")
+
+
+@app.command()
+def verify(bank: Path = typer.Argument(..., help="Bank directory.")) -> None:
+    """Recompute every crop digest and the content hash; exit 1 naming the crop/shard at fault."""
+    from instbank.progress import count_progress
+    from instbank.storage.convert import verify_bank
+
+    try:
+        from instbank.storage import load_manifest
+
+        total = load_manifest(bank)["num_crops"]
+    except Exception:  # noqa: BLE001 - verify_bank reports an unreadable manifest itself
+        total = 0
+    with count_progress(total, "verifying") as progress:
+        report = verify_bank(bank, progress=progress)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def merge(
+    banks: list[Path] = typer.Argument(..., help="Banks to concatenate, in order."),
+    out: Path = typer.Option(..., "--out", help="Bank directory to write."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Backend of the result (default: the first bank's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
+) -> None:
+    """Concatenate banks with the same crop size (class tables unioned by name)."""
+    from instbank.merge import merge_banks
+    from instbank.progress import count_progress
+    from instbank.storage import BACKENDS, load_manifest
+
+    if backend is not None:
+        _check_backend(backend, BACKENDS)
+    total = sum(load_manifest(b)["num_crops"] for b in banks)
+    with count_progress(total, "merging") as progress:
+        manifest = merge_banks(banks, out, backend=backend, overwrite=overwrite, progress=progress)
+    _err(f"wrote {out}: {manifest['num_crops']} crops, {manifest['num_classes']} classes, version {manifest['version']}")
+
+
+def _check_backend(name: str, valid) -> None:
+    from instbank.errors import InputError
+
+    if name not in valid:
+        raise InputError(f"unknown backend {name!r}; valid backends: {', '.join(valid)}")
+
+
 def _err(line: str) -> None:
     typer.echo(line, err=True)
 
@@ -246,7 +313,9 @@ def main() -> None:
     from instbank.errors import InstbankError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except InstbankError as e:
         if _DEBUG["on"]:
             raise
@@ -255,13 +324,12 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors and other exits
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors and other exits
+        # typer >= 0.29 vendors its own click, so match click's exception protocol, not its classes.
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
+        if type(e).__name__ == "Exit" and isinstance(getattr(e, "exit_code", None), int):
             sys.exit(e.exit_code)
         if _DEBUG["on"]:
             raise

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from instbank.errors import InputError
+from instbank.preview import default_font
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -212,15 +213,6 @@ def paste_batch(bank, batch: Batch, k: int, seed: int, **config) -> dict:
 # drawing
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # pragma: no cover - Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def overlay_masks(pixels: np.ndarray, masks: np.ndarray, colors: list[tuple[int, int, int]]) -> np.ndarray:
     """uint8 ``[H, W, 3]`` with each bool ``[H, W]`` mask tinted in its colour and outlined."""
     import cv2
@@ -278,7 +270,7 @@ def draw_panel(pixels: np.ndarray, shown: Shown, title: str, width: int) -> "Ima
     panel = Image.new("RGB", (width, h + top), (255, 255, 255))
     panel.paste(Image.fromarray(overlay_masks(pixels, shown.masks, shown.colors)), (0, top))
     draw = ImageDraw.Draw(panel)
-    font, small = _font(CAPTION), _font(11)
+    font, small = default_font(CAPTION), default_font(11)
     draw.text((0, 0), title, fill=(20, 20, 20), font=font)
     shift = np.array([0, top, 0, top], np.float32)
     for box, color, text in shown.before:
@@ -378,7 +370,7 @@ def render_paste_demo(
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.text((PAD, PAD), f"{bank.path.name} {bank.version}: original | BankCopyPaste, k={k} class-balanced crops "
-              f"per image, seed {seed}", fill=(20, 20, 20), font=_font(CAPTION))
+              f"per image, seed {seed}", fill=(20, 20, 20), font=default_font(CAPTION))
     y = header
     for left, right, _ in rows:
         sheet.paste(left, (PAD, y))

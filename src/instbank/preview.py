@@ -31,6 +31,7 @@ LABEL_WIDTH = 170  # class name column; "traffic light" and most LVIS names fit 
 CHECKER = 8  # checkerboard square, thumbnail pixels
 PAD = 6
 COLUMN_GAP = 30  # between columns of class rows, with a rule in the middle
+MIN_WIDTH = 640  # room for the title line when only a few narrow rows are shown
 CAPTION_FONT, LABEL_FONT = 10, 13
 #: Several columns of class rows when there are many classes, so that the sheet is about as wide
 #: as a screen is (4:3) instead of one very tall strip (80 COCO classes: 4 columns of 20 rows).
@@ -105,7 +106,8 @@ def select_rows(
     return rows
 
 
-def _font(size: int):
+def default_font(size: int):
+    """Pillow's default font at ``size`` pixels (shared by the pictures instbank draws)."""
     from PIL import ImageFont
 
     # Pillow >= 10.1 ships a scalable default font; older builds only have the fixed bitmap one.
@@ -165,9 +167,10 @@ def contact_sheet(bank, rows: list[SheetRow], thumb: int | None = None, title: s
     columns = grid_columns(len(rows), panel_w, cell_h)
     per_column = -(-len(rows) // columns) if rows else 0
     header = 2 * LABEL_FONT + 3 * PAD
-    sheet = Image.new("RGB", (columns * panel_w - COLUMN_GAP + 2 * PAD, header + per_column * cell_h + PAD), BACKGROUND)
+    width = max(columns * panel_w - COLUMN_GAP + 2 * PAD, MIN_WIDTH)
+    sheet = Image.new("RGB", (width, header + per_column * cell_h + PAD), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    small, big = _font(CAPTION_FONT), _font(LABEL_FONT)
+    small, big = default_font(CAPTION_FONT), default_font(LABEL_FONT)
     draw.text((PAD, PAD), _fit(draw, title, big, sheet.width - 2 * PAD), fill=INK, font=big)
     legend = "alpha over a checkerboard; under each crop: source image id / annotation id; red corner: truncated"
     draw.text((PAD, PAD + LABEL_FONT + PAD), _fit(draw, legend, small, sheet.width - 2 * PAD), fill=MUTED, font=small)

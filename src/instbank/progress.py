@@ -66,3 +66,29 @@ def _plain_progress(total: int, stream):
 
     yield update
     line()
+
+
+@contextmanager
+def count_progress(total: int, what: str, stream=None) -> Iterator[Callable[[int], None]]:
+    """Yield ``update(n)`` for a job over ``total`` items (convert, verify, merge)."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn("crops"),
+                            TimeRemainingColumn(), console=Console(file=stream))
+        task = progress.add_task(what, total=total)
+        with progress:
+            yield lambda n: progress.advance(task, n)
+        return
+    state = {"done": 0, "last": time.perf_counter()}
+
+    def update(n: int) -> None:
+        state["done"] += n
+        if time.perf_counter() - state["last"] >= PLAIN_EVERY_S:
+            state["last"] = time.perf_counter()
+            stream.write(f"{what}: {state['done']}/{total} crops\n")
+            stream.flush()
+
+    yield update

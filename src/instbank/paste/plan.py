@@ -217,8 +217,8 @@ def draw_plan(
         if geometry.source_side is None:
             raise ValueError("scale_mode='native' needs crop geometry (a BankBatch); got crops without it")
         target_side = factor * geometry.source_side.to(dev, torch.float32)
-    has_object = side_crop > 0
-    scale = target_side / torch.where(has_object, side_crop, 1.0)
+    has_object = (side_crop > 0) & (target_side > 0)  # an empty alpha or a zero-size source box
+    scale = torch.where(has_object, target_side / torch.where(side_crop > 0, side_crop, 1.0), 1.0)
     inv_scale = 1.0 / scale
     flip = rand[..., 2] < flip_prob
 

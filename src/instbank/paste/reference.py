@@ -107,18 +107,17 @@ def paste_image(
         return result, visible
     keep = None if padding_mask is None else ~padding_mask.to(torch.bool)
     table, rows = _paste_windows(plan, crops, h, w)
+    if not rows:
+        return result, visible
     # one image's float32 accumulator, reused: a fresh [B, 3, H, W] float32 buffer per call cost
     # more in page faults than the blending (glibc returns large blocks to the OS on free)
     canvas = torch.empty_like(images[0], dtype=torch.float32)
+    taps_x, taps_y = _all_taps(plan, table, rows, s)
     raws = []
-    start = 0
-    for bi, group in itertools.groupby(rows, key=lambda row: row[0]):
-        group = list(group)
-        taps_x, taps_y = _image_taps(plan, table[start : start + len(group)], group, s)
-        start += len(group)
+    for bi, group in itertools.groupby(enumerate(rows), key=lambda item: item[1][0]):  # rows by image
         canvas.copy_(images[bi])
         region = None if keep is None else keep[bi]
-        for j, (_, ki, *rect_and_window) in enumerate(group):
+        for j, (_, ki, *rect_and_window) in group:
             rect, window = rect_and_window[:4], rect_and_window[4:]
             tx, ty = [v[j] for v in taps_x], [v[j] for v in taps_y]
             raws.append((bi, ki, rect, _paste_one(canvas, crops[bi, ki], tx, ty, region, vrange, rect, window)))
@@ -216,9 +215,10 @@ def _paste_windows(plan: PastePlan, crops: torch.Tensor, h: int, w: int) -> tupl
     return table, table.tolist()
 
 
-def _image_taps(plan: PastePlan, table: torch.Tensor, rows: list, s: int) -> tuple:
-    """Bilinear taps of one image's pastes (``table``/``rows`` from ``_paste_windows``), x then y,
-    each ``(i0, i1, w0, w1)`` of shape ``[P, n]`` padded to the widest (tallest) rect."""
+def _all_taps(plan: PastePlan, table: torch.Tensor, rows: list, s: int) -> tuple:
+    """Bilinear taps of every paste (``table``/``rows`` from ``_paste_windows``), x then y, each
+    ``(i0, i1, w0, w1)`` of shape ``[P, n]`` padded to the widest (tallest) rect, at most the
+    image's width (height)."""
     b, k = table[:, 0], table[:, 1]
     inv = plan.inv_scale[b, k]
     width = max(r[4] - r[2] for r in rows)
