@@ -213,7 +213,8 @@ class BankBatch:
         chosen = dtype if dtype is not None else packed_dtype_for(self.num_classes)
         max_id = self.num_classes - 1
         if chosen.is_floating_point:
-            limit = 2 ** torch.finfo(chosen).nmant  # largest exactly representable integer
+            # every integer up to 2/eps is exact (2**24 for float32, 2048 for float16, 256 for bfloat16)
+            limit = int(round(2 / torch.finfo(chosen).eps))
         else:
             limit = torch.iinfo(chosen).max
         if max(max_id, 255) > limit:
