@@ -319,7 +319,7 @@ def run_size(size: int, args, images) -> None:
     wds = banks["webdataset (zstd)"]
     bare = bare_zstd_loop(tar_values(wds), batches, out, "none")
     rows.append(("webdataset get_many", bank_loop(wds, batches, out), "bare zstd loop", bare, count, None))
-    first_tars = [(sdir / t["file"], t["count"]) for sdir, shard, _ in wds.iter_shards() for t in shard["payload"]["tars"]]
+    first_tars = [(sdir / t["file"], t["count"]) for sdir, sh, _ in wds.iter_shards() for t in sh["payload"]["tars"]]
     tars = [path for path, _ in first_tars[: args.stream_tars]]
     streamed = sum(count for _, count in first_tars[: args.stream_tars])
     rows.append(("webdataset stream()", stream_epoch(wds, tars), "bare tarfile read", bare_tar_read(tars, size),

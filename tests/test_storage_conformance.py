@@ -221,7 +221,8 @@ def tiny_banks(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "start_method", ["fork", pytest.param("spawn", marks=pytest.mark.slow), pytest.param("forkserver", marks=pytest.mark.slow)]
+    "start_method",
+    ["fork", pytest.param("spawn", marks=pytest.mark.slow), pytest.param("forkserver", marks=pytest.mark.slow)],
 )
 def test_dataloader_workers_read_what_the_parent_reads(tiny_banks, start_method):
     from torch.utils.data import DataLoader

@@ -216,7 +216,8 @@ def test_newer_format_version_is_refused(tmp_path):
 def test_unknown_codec_is_refused_naming_the_file(tmp_path, backend):
     bank = _bank(tmp_path, backend)
     _edit_manifest(bank.path, backend_options={**bank.manifest["backend_options"], "codec": "brotli"})
-    with pytest.raises(BankError, match=rf"{MANIFEST}: unknown {'LMDB' if backend == 'lmdb' else 'webdataset'} codec 'brotli'"):
+    name = "LMDB" if backend == "lmdb" else "webdataset"
+    with pytest.raises(BankError, match=rf"{MANIFEST}: unknown {name} codec 'brotli'"):
         open_bank(bank.path)
 
 

@@ -94,6 +94,8 @@ def build(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (engine ray)."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec (lmdb/webdataset), e.g. zstd, raw, png."),
     splits: Optional[str] = typer.Option(None, "--splits", help="YOLO data.yaml splits, e.g. train,val (default: all)."),
+    backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O",
+                                                       help="Backend writer option KEY=VALUE, e.g. level=9, filter=none, maxcount=10000."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
     resume: bool = typer.Option(False, "--resume", help="Keep finished shards of an interrupted build."),
@@ -138,7 +140,7 @@ def build(
     cfg = BuildConfig(
         size=int(opts["size"]),
         backend=str(opts["backend"]),
-        backend_options={"codec": opts["codec"]} if opts["codec"] else {},
+        backend_options=_backend_options(opts["codec"], backend_option),
         filters=CropFilters(int(opts["min_area"]), int(opts["min_side"]), float(opts["max_aspect"]), bool(opts["skip_truncated"])),
         exif=opts["exif"],
         shard_images=opts["shard_images"],
@@ -243,6 +245,7 @@ def convert(
     dst: Path = typer.Argument(..., help="Bank directory to write."),
     backend: str = typer.Option(..., "--backend", help="memmap | lmdb | webdataset"),
     codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec, e.g. zstd, raw, png."),
+    backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O", help="Backend writer option KEY=VALUE."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at DST."),
 ) -> None:
     """Write a bank again with another backend (streaming; the content hash is kept)."""
@@ -253,7 +256,7 @@ def convert(
     _check_backend(backend, BACKENDS)
     total = load_manifest(src)["num_crops"]
     with count_progress(total, "converting") as progress:
-        manifest = convert_bank(src, dst, backend, {"codec": codec} if codec else None, overwrite=overwrite,
+        manifest = convert_bank(src, dst, backend, _backend_options(codec, backend_option), overwrite=overwrite,
                                 progress=progress)
     _err(f"wrote {dst}: {manifest['num_crops']} crops, version {manifest['version']}")
 
@@ -295,6 +298,26 @@ def merge(
     with count_progress(total, "merging") as progress:
         manifest = merge_banks(banks, out, backend=backend, overwrite=overwrite, progress=progress)
     _err(f"wrote {out}: {manifest['num_crops']} crops, {manifest['num_classes']} classes, version {manifest['version']}")
+
+
+def _backend_options(codec: Optional[str], pairs: Optional[list[str]]) -> dict[str, Any]:
+    """``--codec`` plus ``-O KEY=VALUE`` pairs; numbers become int/float (writers check types)."""
+    from instbank.errors import InputError
+
+    options: dict[str, Any] = {"codec": codec} if codec else {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--backend-option {pair!r}: expected KEY=VALUE")
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return options
 
 
 def _check_backend(name: str, valid) -> None:

@@ -218,7 +218,10 @@ class ShardWriter:
             shutil.rmtree(self.shard_dir)  # an unfinished shard from an earlier run: redo it
         self.shard_dir.mkdir(parents=True)
         self.crop_size = crop_size
-        self.payload: PayloadWriter = get_backend(backend).Writer(self.shard_dir, crop_size, dict(options or {}))
+        try:
+            self.payload: PayloadWriter = get_backend(backend).Writer(self.shard_dir, crop_size, dict(options or {}))
+        except ValueError as e:  # bad options given by the user (-O KEY=VALUE): name them, no traceback
+            raise BuildError(f"{backend} backend: {e}") from None
         self._meta: list[np.ndarray] = []
         self._digests: list[np.ndarray] = []
         self._count = 0

@@ -1,6 +1,6 @@
 """LMDB backend: one zstd frame per crop in one LMDB environment per build shard.
 
-Smaller on disk than memmap (about 3.8x smaller than raw on real 128 px crops with the default
+Smaller on disk than memmap (3.2x smaller than raw on real 128 px COCO crops with the default
 ``up-rgb`` filter, docs/perf/backends.md) at the cost of one zstd decode per crop read.
 
 **One environment per build shard**, not one per bank: shards are written by independent processes
@@ -26,10 +26,11 @@ Filters (``backend_options["filter"]``), applied before compression and undone a
 | up-rgb   | R, G, B rows ``r >= 1`` hold ``row[r] - row[r-1]`` mod 256 (PNG "Up"); row 0 and    |
 |          | alpha as is. Undone by a running sum over rows, one vectorised add per row          |
 
-``up-rgb`` is the default: on real crops it makes values 1.4x smaller than plain zstd (3.8x vs
-2.7x raw at S=128) for about 25% more decode time; a horizontal delta compresses a little worse
-and is 5x slower to undo in numpy (prefix sums along the contiguous axis). Alpha is left alone:
-a delta makes it no smaller. Measured in docs/perf/backends.md.
+``up-rgb`` is the default: on real crops it makes values 1.4x smaller than plain zstd (3.61x vs
+2.58x raw at S=128) for 1.4-1.5x the decode time; a horizontal delta compresses no better and is
+5x slower to undo in numpy (a prefix sum along the contiguous axis). Alpha is left alone: a delta
+makes it no smaller. Values over ~2 KB take whole 4 KiB overflow pages (+12% at S=128, +38% at
+S=64 over the frames). Measured in docs/perf/backends.md.
 
 ``shard.json["payload"]`` = ``{"file": "data.mdb", "size": bytes, "entries": n, "codec": "zstd",
 "level": 3, "filter": "up-rgb"}``; the bank manifest's ``backend_options`` holds the same codec,

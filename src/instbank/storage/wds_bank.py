@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import tarfile
 from functools import partial
 from pathlib import Path
@@ -182,18 +183,20 @@ class Writer:
 
     def _index_tar(self, fname: str) -> None:
         """``post`` hook of ShardWriter: one pass over the closed tar records each pixel member's
-        data offset (``TarInfo.offset_data``) and size."""
-        number = len(self._tars)
-        expected = self._indexed
+        data offset (``TarInfo.offset_data``) and size; then the tar is made durable (fsync)
+        before shard.json can say the shard is finished."""
         rows = []
         with tarfile.open(fname) as tf:
             for info in tf:
                 key, _, member = info.name.partition(".")
                 if member != self.member:
                     continue
-                if int(key.rpartition("-")[2]) != expected + len(rows):
-                    raise BankError(f"{fname}: member {info.name} is out of order (expected crop {expected + len(rows)})")
-                rows.append((number, info.offset_data, info.size))
+                want = self._indexed + len(rows)
+                if int(key.rpartition("-")[2]) != want:
+                    raise BankError(f"{fname}: member {info.name} is out of order (expected crop {want})")
+                rows.append((len(self._tars), info.offset_data, info.size))
+        with open(fname, "rb") as f:
+            os.fsync(f.fileno())
         self._index.append(np.array(rows, INDEX_DTYPE))
         self._indexed += len(rows)
         self._tars.append({"file": Path(fname).name, "size": Path(fname).stat().st_size, "count": len(rows)})
@@ -260,7 +263,7 @@ def _load_index(path: Path, num_crops: int, tars: list[dict]) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise BankError(f"{path}: cannot read the tar member index ({e})") from None
     if index.dtype != INDEX_DTYPE or len(index) != num_crops:
-        raise BankError(f"{path}: expected {num_crops} index rows of {INDEX_DTYPE}, found {len(index)} of {index.dtype}")
+        raise BankError(f"{path}: expected {num_crops} rows of {INDEX_DTYPE}, found {len(index)} of {index.dtype}")
     if len(index):
         if index["tar"].min() < 0 or index["tar"].max() >= len(tars):
             raise BankError(f"{path}: refers to tar files the shard does not have")
