@@ -76,6 +76,8 @@ def test_script_wrapper_runs_the_same_build(tmp_path):
         (["build", "--out", "{tmp}/b"], ["--coco"]),
         (["stats", "{tmp}/missing"], ["missing"]),
         (["build", "--coco", str(SAMPLE_COCO), "--out", "{tmp}/b", "--config", "{tmp}/no.yaml"], ["no.yaml"]),
+        (["build", "--coco", str(SAMPLE_COCO), "--out", "{tmp}/b", "--backend", "lmdb", "-O", "nope=1"], ["nope", "level"]),
+        (["build", "--coco", str(SAMPLE_COCO), "--out", "{tmp}/b", "-O", "novalue"], ["KEY=VALUE"]),
     ],
 )
 def test_errors_are_one_line(tmp_path, args, needles):
