@@ -21,11 +21,12 @@ that load from other processes on the machine falls on each alike):
   crops, sha256 of every crop, memmap shards, manifest (fsync'ed). Target ratio >= 0.7.
 - ``build w=2``: the same with a 2-process pool; speed-up over w=1 (target >= 1.8 on 2 cores).
 - ``build ray w=2`` (``--engine ray``): ``build_bank(engine="ray")``, cold (Ray started and
-  stopped inside the call), once; "ray: not available" when ``instbank.engines.ray`` does not import.
+  stopped inside the call), once; "ray: not available" when ``instbank.engines.ray`` or Ray does
+  not import.
 
-Then the build's peak memory (``ru_maxrss`` of a fresh process, w=1) on the image list and on the
-list repeated 4 times: streaming shards keep it flat. ``--profile`` adds cProfile's top functions
-of one w=1 build.
+Then the build's peak memory (resident high-water mark of a fresh process during a w=1 build, Linux
+/proc) on the image list and on the list repeated 4 times: streaming shards keep it flat.
+``--profile`` adds cProfile's top functions of one w=1 build.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import dataclasses
 import multiprocessing as mp
 import os
 import pstats
-import resource
 import shutil
 import statistics
 import tempfile
@@ -91,7 +91,8 @@ def naive_loop(dataset, size: int) -> int:
         height, width = image.shape[:2]
         for inst in record.instances:
             if inst.rle is not None:
-                rle = inst.rle if isinstance(inst.rle["counts"], str) else mask_utils.frPyObjects(inst.rle, height, width)
+                counts = inst.rle["counts"]
+                rle = inst.rle if isinstance(counts, str) else mask_utils.frPyObjects(inst.rle, height, width)
             else:
                 scale = (width, height) if inst.normalized else (1, 1)
                 parts = [(p * scale).ravel().tolist() for p in inst.polygons]
@@ -134,7 +135,8 @@ def interleaved(arms: dict, repeats: int) -> dict[str, tuple[float, int]]:
 
 def ray_arm(dataset, tmp: Path, size: int) -> tuple[float, int] | None:
     try:
-        import instbank.engines.ray  # noqa: F401  (the engine's own import check)
+        import instbank.engines.ray  # noqa: F401  (the engine module; it imports Ray lazily)
+        import ray  # noqa: F401
     except ImportError:
         return None
     t0 = time.perf_counter()
@@ -143,16 +145,28 @@ def ray_arm(dataset, tmp: Path, size: int) -> tuple[float, int] | None:
 
 
 def peak_rss_mb(coco, yolo, size: int, repeat: int, out: str) -> tuple[float, float]:
-    """In a fresh process: (MB peak before the build, MB peak after) of a w=1 build of the image
-    list repeated ``repeat`` times (the repeated records share their objects)."""
+    """In a fresh process: (MB resident before the build, MB peak resident during it) of a w=1
+    build of the image list repeated ``repeat`` times (the repeated records share their objects).
+
+    The peak is the kernel's high-water mark (VmHWM), reset just before the build by writing 5 to
+    /proc/self/clear_refs (Linux >= 4.0): reading the json peaks higher than the build does, so
+    ``ru_maxrss`` alone would only show that."""
     cv2.setNumThreads(1)
     dataset = read_dataset(coco, yolo)
     dataset = dataclasses.replace(dataset, images=dataset.images * repeat)
     import instbank.build  # noqa: F401  (imports count as baseline, not as build memory)
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_mb("VmRSS")
     build(dataset, Path(out), size, 1)
-    return before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return before, _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def print_profile(dataset, tmp: Path, size: int, top: int = 18) -> None:
@@ -226,11 +240,12 @@ def print_table(results: dict, num_images: int) -> None:
 
 def print_memory(args, tmp: Path) -> None:
     ctx = mp.get_context("spawn")  # a fresh interpreter per size: ru_maxrss is a high-water mark
-    print("\npeak RSS of a w=1 build (fresh process):")
+    print("\npeak RSS during a w=1 build (fresh process, VmHWM reset before the build):")
     for repeat in MEMORY_REPEATS:
         with ctx.Pool(1) as pool:
-            before, after = pool.apply(peak_rss_mb, (args.coco, args.yolo, args.size, repeat, str(tmp / f"rss{repeat}")))
-        print(f"  images x{repeat}: {before:7.1f} MB before the build, {after:7.1f} MB peak, +{after - before:.1f} MB")
+            job = (args.coco, args.yolo, args.size, repeat, str(tmp / f"rss{repeat}"))
+            before, after = pool.apply(peak_rss_mb, job)
+        print(f"  images x{repeat}: {before:7.1f} MB before, {after:7.1f} MB peak, +{after - before:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,31 @@
 """Copy-paste speed: instbank against AlbumentationsX on CPU, Triton against the torch reference on GPU.
 
     .venv/bin/python benchmarks/paste.py [--size 512] [--k 8] [--crop 128] [--images 32]
-        [--cpu-batch 8] [--existing 4] [--threads 1] [--repeats 3] [--bank out/demo-bank]
+        [--cpu-batches 1 8] [--existing 4] [--threads 1] [--repeats 5] [--bank out/demo-bank]
         [--gpu-batch 32] [--gpu-sizes 512 1024] [--peak-bw GB/s]
 
-(a) CPU, per image, both sides doing the whole augmentation of one training sample: the same
-``--k`` crops pasted into the same ``--size``² uint8 image holding ``--existing`` instances,
-annotations updated (pasted masks and boxes, existing instances cut, refit or dropped).
+(a) CPU, per image, both sides doing the whole augmentation of one training sample from the same
+inputs and producing the same outputs: the ``--k`` crops pasted into the ``--size``^2 uint8
+image holding ``--existing`` instances (masks, tight boxes, labels given), and the annotations
+updated: image, masks, boxes and labels of the pasted and of the existing instances (cut,
+refit or dropped).
 
-- instbank: ``BankCopyPaste(impl="torch")`` on batches of ``--cpu-batch`` images (plan, alpha
-  preparation, compositing, annotations), object's longer side log-uniform in 1/8..1/4 of 512.
+- instbank: ``BankCopyPaste(impl="torch")`` on ``BankBatch``es of ``--cpu-batches`` images (the
+  crops and their geometry as ``instbank.sampling`` stages them), everything inside the call:
+  plan, alpha preparation, compositing, annotations. Object's longer side log-uniform in
+  1/8..1/4 of 512.
 - AlbumentationsX: ``Compose([CopyAndPaste(p=1, scale_range=(0.5, 1))], instance_binding=
   ["masks", "bboxes"])`` called once per image with the K crops as ``copy_paste_metadata`` donors
   (RGB + ``alpha >= 128`` mask): it tight-crops each donor to its mask (an object of up to S=128
-  px) and shrinks it by 0.5..1, so objects get the same 64..128 px.
+  px) and shrinks it by 0.5..1, so objects get the same 64..128 px. (It does not refit the boxes
+  of existing instances it cuts; instbank does.)
 
 Rows: ``hard`` (alpha thresholded) and ``gaussian`` (alpha blurred, sigma 1..3) blending on both
-sides; median over ``--repeats`` of ms per image, wall clock and process CPU time (the latter
-moves less when other jobs share the machine), ratio = AlbumentationsX / instbank. ``--threads``
-sets both torch's and OpenCV's thread count (DataLoader workers run torch with 1 thread).
+sides, for each instbank batch size; median over ``--repeats`` of ms per image, wall clock and
+process CPU time (the latter moves less when other jobs share the machine), ratio =
+AlbumentationsX / instbank. ``--threads`` sets both torch's and OpenCV's thread count (DataLoader
+workers run torch with 1 thread). No allocator tuning (``MALLOC_*`` variables, jemalloc) on either
+side: page faults on fresh output buffers are part of what a user pays.
 
 (b) GPU, only with CUDA: ``paste_image`` of the Triton kernel against the torch reference on the
 same device, uint8 images ``[--gpu-batch, 3, H, W]`` for each ``--gpu-sizes``, K crops of S², same
@@ -27,14 +34,16 @@ Bytes moved per call = images read + images written + crops read + visible masks
 (``2*B*3*H*W + B*K*4*S*S + B*K*H*W``); GB/s against ``--peak-bw`` when given. Agreement (max
 level difference, masks equal) is printed beside the times.
 
-Crops: the first ``B*K`` crops of ``--bank`` when it exists (any backend), else synthetic ones
-(``instbank.testing.synthetic_crops``: constant colour, alpha disk); the crop size is the bank's.
+Crops: the first ``B*K`` crops of ``--bank`` when it exists (any backend), else of a synthetic
+bank written to a temporary directory (``instbank.testing.write_synthetic_bank``: constant colour,
+alpha disk); the crop size is the bank's.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,21 +53,30 @@ import torch
 from instbank.paste import BankCopyPaste, CopyPasteConfig, prepare_alpha
 from instbank.paste.plan import CropGeometry, draw_plan
 from instbank.paste.reference import paste_image as torch_paste_image
-from instbank.testing import synthetic_crops
+from instbank.sampling import gather_geometry
+from instbank.types import BankBatch
 
 SCALE_RANGE = (1 / 8, 1 / 4)  # object's longer side / 512: 64..128 px, AlbumentationsX's 0.5..1 x 128
 SIGMA_RANGE = (1.0, 3.0)  # AlbumentationsX's default blend_sigma_range
 
 
-def load_crops(bank: Path, count: int, size: int) -> tuple[np.ndarray, str]:
-    """uint8 ``[count, 4, S, S]`` crops and a line saying where they come from."""
-    if (bank / "manifest.json").exists():
-        from instbank.storage import open_bank
+def open_crops(bank_path: Path, size: int, scratch: Path):
+    """The bank at ``bank_path``, or a synthetic one of ``size``^2 crops in ``scratch``; and a line
+    saying which."""
+    from instbank.storage import open_bank
+    from instbank.testing import write_synthetic_bank
 
-        reader = open_bank(bank)
-        idx = np.arange(count) % len(reader)
-        return np.asarray(reader.get_many(idx)), f"{count} real crops of {bank} ({reader.version})"
-    return synthetic_crops(np.arange(count), size), f"{count} synthetic crops (no bank at {bank})"
+    if (bank_path / "manifest.json").exists():
+        bank = open_bank(bank_path)
+        return bank, f"real crops of {bank_path} ({bank.version})"
+    return write_synthetic_bank(scratch / "bank", 512, size=size), f"synthetic crops (no bank at {bank_path})"
+
+
+def bank_batch(bank, indices: np.ndarray) -> BankBatch:
+    """The ``BankBatch`` of crops int64 ``[B, K]`` (what ``instbank.sampling`` stages)."""
+    pixels = np.asarray(bank.get_many(indices.reshape(-1))).reshape(*indices.shape, 4, *bank.crop_size)
+    geometry = {name: torch.from_numpy(v) for name, v in gather_geometry(bank, indices).items()}
+    return BankBatch(pixels=torch.from_numpy(pixels), num_classes=len(bank.class_names), **geometry)
 
 
 def existing_instances(b: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -71,6 +89,11 @@ def existing_instances(b: int, n: int, size: int, rng: np.random.Generator) -> n
             rx, ry = rng.uniform(0.05, 0.2, 2) * size
             masks[i, j] = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
     return masks
+
+
+def tight_box(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
 def median_ms(fn, repeats: int) -> tuple[float, float]:
@@ -93,24 +116,24 @@ def median_ms(fn, repeats: int) -> tuple[float, float]:
 # (a) CPU
 
 
-def instbank_cpu(images, crops, masks, labels, blend, batch, k):
-    """A function pasting every image once through ``BankCopyPaste``, by batches of ``batch``."""
+def instbank_cpu(images, batches, masks, boxes, labels, blend, batch):
+    """A function pasting every image once through ``BankCopyPaste``, by batches of ``batch``
+    (``batches``: one ``BankBatch`` per batch)."""
     module = BankCopyPaste(
         CopyPasteConfig(scale_range=SCALE_RANGE, blend=blend, sigma_range=SIGMA_RANGE, impl="torch")
     )
     generator = torch.Generator().manual_seed(0)
-    packed_all = torch.cat([crops, torch.zeros_like(crops[:, :, :1])], dim=2)  # class-id plane 0
 
     def run():
-        for lo in range(0, len(images), batch):
-            hi = lo + batch
-            module.set_bank_batch(packed_all[lo:hi])
-            module(images[lo:hi], masks[lo:hi], labels=labels[lo:hi], generator=generator)
+        for i, staged in enumerate(batches):
+            lo, hi = i * batch, (i + 1) * batch
+            module.set_bank_batch(staged)
+            module(images[lo:hi], masks[lo:hi], boxes[lo:hi], labels[lo:hi], generator=generator)
 
     return run
 
 
-def albumentations_cpu(images, crops, masks, blend, k):
+def albumentations_cpu(images, crops, masks, boxes, blend, k):
     """A function pasting every image once through AlbumentationsX ``CopyAndPaste``."""
     import albumentations as A
 
@@ -124,18 +147,16 @@ def albumentations_cpu(images, crops, masks, blend, k):
     for i in range(len(images)):
         donors = [
             {
-                "image": np.ascontiguousarray(crops[i, j, :3].permute(1, 2, 0).numpy()),
-                "mask": (crops[i, j, 3] >= 128).numpy().astype(np.uint8),
+                "image": np.ascontiguousarray(crops[i, j, :3].transpose(1, 2, 0)),
+                "mask": (crops[i, j, 3] >= 128).astype(np.uint8),
                 "bbox_labels": {"class_labels": 0},
             }
             for j in range(k)
         ]
-        instances = []
-        for m in masks[i].numpy():
-            ys, xs = np.nonzero(m)
-            box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-            instances.append({"mask": m, "bbox": box, "bbox_labels": {"class_labels": 1}})
-        samples.append((np.ascontiguousarray(images[i].permute(1, 2, 0).numpy()), instances, donors))
+        instances = [
+            {"mask": m, "bbox": box, "bbox_labels": {"class_labels": 1}} for m, box in zip(masks[i], boxes[i])
+        ]
+        samples.append((np.ascontiguousarray(images[i].transpose(1, 2, 0)), instances, donors))
 
     def run():
         for image, instances, donors in samples:
@@ -144,29 +165,34 @@ def albumentations_cpu(images, crops, masks, blend, k):
     return run
 
 
-def cpu_section(args, crops_np: np.ndarray, source: str) -> None:
+def cpu_section(args, bank, source: str) -> None:
     import albumentations as A
     import cv2
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
-    n, k, s = args.images, args.k, crops_np.shape[-1]
+    n, k = args.images, args.k
     rng = np.random.default_rng(0)
-    crops = torch.from_numpy(crops_np).view(n, k, 4, s, s)
-    images = torch.from_numpy(rng.integers(0, 256, (n, 3, args.size, args.size), dtype=np.uint8))
+    indices = (np.arange(n * k) % len(bank)).reshape(n, k)
+    images_np = rng.integers(0, 256, (n, 3, args.size, args.size), dtype=np.uint8)
     masks_np = existing_instances(n, args.existing, args.size, rng)
-    masks = torch.from_numpy(masks_np)
+    boxes_np = np.array([[tight_box(m) for m in image_masks] for image_masks in masks_np], np.float32)
+    images, masks, boxes = (torch.from_numpy(v) for v in (images_np, masks_np, boxes_np))
     labels = torch.ones((n, args.existing), dtype=torch.int64)
-    print(f"(a) CPU: {n} images {args.size}x{args.size}, K={k} crops of {s}x{s} each, "
-          f"{args.existing} existing instances; {source}")
-    print(f"    torch {torch.__version__} ({args.threads} thread), albumentationsx {A.__version__}, "
-          f"opencv {cv2.__version__} ({args.threads} thread); instbank batches of {args.cpu_batch}")
-    print(f"    {'blend':9s} {'clock':5s} {'instbank ms/img':>16s} {'AlbumentationsX ms/img':>23s} {'ratio':>7s}")
+    s = bank.crop_size[0]
+    print(f"(a) CPU: {n} images {args.size}x{args.size} uint8, K={k} crops of {s}x{s} each, "
+          f"{args.existing} existing instances (masks, boxes, labels); {source}")
+    print(f"    torch {torch.__version__} ({torch.get_num_threads()} thread), albumentationsx {A.__version__}, "
+          f"opencv {cv2.__version__} ({args.threads} thread)")
+    print(f"    {'blend':9s} {'B':>2s} {'clock':5s} {'instbank ms/img':>16s} {'AlbumentationsX ms/img':>23s} {'ratio':>7s}")
     for blend in ("hard", "gaussian"):
-        ours = median_ms(instbank_cpu(images, crops, masks, labels, blend, args.cpu_batch, k), args.repeats)
-        theirs = median_ms(albumentations_cpu(images, crops, masks, blend, k), args.repeats)
-        for clock, a, b in (("wall", ours[0] / n, theirs[0] / n), ("cpu", ours[1] / n, theirs[1] / n)):
-            print(f"    {blend:9s} {clock:5s} {a:16.2f} {b:23.2f} {b / a:6.1f}x")
+        donors = np.asarray(bank.get_many(indices.reshape(-1))).reshape(n, k, 4, s, s)
+        theirs = median_ms(albumentations_cpu(images_np, donors, masks_np, boxes_np, blend, k), args.repeats)
+        for batch in args.cpu_batches:
+            batches = [bank_batch(bank, indices[lo : lo + batch]) for lo in range(0, n, batch)]
+            ours = median_ms(instbank_cpu(images, batches, masks, boxes, labels, blend, batch), args.repeats)
+            for clock, a, b in (("wall", ours[0] / n, theirs[0] / n), ("cpu", ours[1] / n, theirs[1] / n)):
+                print(f"    {blend:9s} {batch:2d} {clock:5s} {a:16.2f} {b:23.2f} {b / a:6.1f}x")
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +213,7 @@ def cuda_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def gpu_section(args, crops_np: np.ndarray, source: str) -> None:
+def gpu_section(args, bank, source: str) -> None:
     if not torch.cuda.is_available():
         print("(b) GPU: no CUDA device: skipped")
         return
@@ -197,8 +223,9 @@ def gpu_section(args, crops_np: np.ndarray, source: str) -> None:
         print(f"(b) GPU: Triton kernel unavailable ({exc}): skipped")
         return
     dev = torch.device("cuda")
-    b, k, s = args.gpu_batch, args.k, crops_np.shape[-1]
-    crops = torch.from_numpy(crops_np[: b * k]).view(b, k, 4, s, s).to(dev)
+    b, k, s = args.gpu_batch, args.k, bank.crop_size[0]
+    indices = np.arange(b * k) % len(bank)
+    crops = torch.from_numpy(np.asarray(bank.get_many(indices))).view(b, k, 4, s, s).to(dev)
     print(f"(b) GPU {torch.cuda.get_device_name(dev)}: B={b}, K={k}, S={s}, uint8; {source}")
     peak = f" (peak {args.peak_bw:g} GB/s)" if args.peak_bw else ""
     print(f"    {'H=W':>5s} {'torch ms':>9s} {'triton ms':>10s} {'ratio':>7s} {'triton GB/s':>12s}{peak}  agreement")
@@ -228,21 +255,21 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128, help="synthetic crop size (a bank sets its own)")
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--cpu-batch", type=int, default=8)
+    parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--existing", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bank", type=Path, default=Path("out/demo-bank"))
     parser.add_argument("--gpu-batch", type=int, default=32)
     parser.add_argument("--gpu-sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--peak-bw", type=float, default=None, help="device peak memory bandwidth, GB/s")
     parser.add_argument("--skip-cpu", action="store_true")
     args = parser.parse_args()
-    count = max(args.images, args.gpu_batch) * args.k
-    crops_np, source = load_crops(args.bank, count, args.crop)
-    if not args.skip_cpu:
-        cpu_section(args, crops_np[: args.images * args.k], source)
-    gpu_section(args, crops_np, source)
+    with tempfile.TemporaryDirectory() as scratch:
+        bank, source = open_crops(args.bank, args.crop, Path(scratch))
+        if not args.skip_cpu:
+            cpu_section(args, bank, source)
+        gpu_section(args, bank, source)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 figures behind the paper estimate in docs/scale-out.md.
 
     .venv/bin/python benchmarks/scaleout.py [--coco ANN.json ...] [--size 128] [--workers 2]
-        [--repeats 3] [--dir /tmp/instbank-bench-scaleout]
+        [--times 4] [--repeats 3] [--dir /tmp/instbank-bench-scaleout]
 
 Data: the COCO json files given (default: both splits of ../shared/data/coco_tiny_2017, joined into
-one image list; data/sample/coco when absent). Every image file is read once before timing, so
-every arm decodes from the page cache.
+one image list; data/sample/coco when absent), the image list repeated ``--times`` times so that
+a build lasts seconds, not a fraction of Ray's per-task overhead. Every image file is read once
+before timing, so every arm decodes from the page cache.
 
 Rows (one run, same input, same output config; every arm must produce the same ``version``).
 Rows marked (m) are the median of ``--repeats`` runs; ``local w=W`` and ``ray warm`` alternate,
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--coco", type=Path, nargs="+", default=None)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--times", type=int, default=4, help="repeat the image list this many times (longer runs)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of local w=W and ray warm w=W")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/instbank-bench-scaleout"))
     args = ap.parse_args()
@@ -105,6 +107,7 @@ def main() -> None:
 
     paths = args.coco or (DEFAULT_COCO if all(p.exists() for p in DEFAULT_COCO) else [SAMPLE])
     dataset = read_joined(paths)
+    dataset = dataclasses.replace(dataset, images=dataset.images * args.times)
     for im in dataset.images:  # page cache: every arm reads the same warm files
         Path(im.path).read_bytes()
     cfg = BuildConfig(size=args.size)
@@ -125,14 +128,13 @@ def main() -> None:
 
     assert not ray.is_initialized(), "a build that started its own Ray left it running"
     rows["ray start-up"] = ray_startup(w)
-    # The machine is shared: local w=W and ray warm w=W alternate, and each row is the median.
+    # The machine may be shared: local w=W and ray warm w=W alternate, each row is the median.
     pairs = [(timed(lambda: build("localw", workers=w)), timed(lambda: build("raywarm", workers=w, engine="ray")))
              for _ in range(args.repeats)]
     ray.shutdown()
-    localw = pairs[0][0][0]
-    warm = pairs[0][1][0]
-    rows[f"local w={w}"] = statistics.median(p[0][1] for p in pairs)
-    rows[f"ray warm w={w}"] = statistics.median(p[1][1] for p in pairs)
+    (localw, _), (warm, _) = pairs[0]
+    rows[f"local w={w}"] = statistics.median(local[1] for local, _ in pairs)
+    rows[f"ray warm w={w}"] = statistics.median(remote[1] for _, remote in pairs)
     versions = {r.version for r in (local1, localw, cold, warm)}
     assert len(versions) == 1, f"engines disagree: {versions}"
 

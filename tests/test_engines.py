@@ -36,11 +36,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _build_both(dataset, tmp_path, config, workers=2):
-    """Local and Ray builds of ``dataset``; returns both reports and the Ray build's progress calls."""
-    local = build_bank(dataset, tmp_path / "local", config, workers=workers)
+def _build_both(dataset, tmp_path, config):
+    """A one-process local build and a two-worker Ray build of ``dataset``; returns both reports
+    and the Ray build's progress calls."""
+    local = build_bank(dataset, tmp_path / "local", config, workers=1)
     calls = []
-    remote = build_bank(dataset, tmp_path / "ray", config, workers=workers, engine="ray",
+    remote = build_bank(dataset, tmp_path / "ray", config, workers=2, engine="ray",
                         progress=lambda images, crops: calls.append((images, crops)))
     return local, remote, calls
 

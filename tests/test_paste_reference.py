@@ -71,10 +71,10 @@ def spec_full_canvas(images, crops, plan, padding=None, value_range=None):
         x0, y0 = x0.long().expand(b, h, w), y0.long().expand(b, h, w)
         crop = crops[:, ki].int()
 
-        def tap(xx, yy):
+        def tap(xx, yy):  # RGB at the coordinates clamped to the canvas, alpha 0 outside it
             ok = (xx >= 0) & (xx < s) & (yy >= 0) & (yy < s)
             val = crop[bidx, :, yy.clamp(0, s - 1), xx.clamp(0, s - 1)]
-            return torch.where(ok[..., None], val, 0)
+            return torch.cat([val[..., :3], torch.where(ok, val[..., 3], 0)[..., None]], dim=-1)
 
         total = (tap(x0, y0) * (256 - fx) + tap(x0 + 1, y0) * fx) * (256 - fy) + (
             tap(x0, y0 + 1) * (256 - fx) + tap(x0 + 1, y0 + 1) * fx
@@ -107,13 +107,13 @@ def test_one_pixel_crop_lands_on_one_pixel():
 
 
 def test_one_pixel_crop_at_quarter_offset_splits_into_weights():
-    # pixel x=3: u = 0.25, uf = -0.25 -> x0 = -1, fx = 192: alpha = 192/256 = 0.75, and rgb too
-    # reads the outside tap as 0: rgb = 200 * 0.75 = 150, out = 150 * 0.75 = 112.5 -> 113, in the mask;
-    # pixel x=4: u = 1.25, uf = 0.75 -> x0 = 0, fx = 192: weight 64/256: 50 * 0.25 = 12.5 -> 13
+    # pixel x=3: u = 0.25, uf = -0.25 -> x0 = -1, fx = 192: alpha = 192/256 = 0.75 (the outside
+    # tap reads alpha 0), rgb = 200 (the outside tap reads the clamped pixel): out = 150, in the mask;
+    # pixel x=4: u = 1.25, uf = 0.75 -> x0 = 0, fx = 192: alpha 64/256: 200 * 0.25 = 50
     crop = solid_crop(1, (200, 200, 200))
     images = torch.zeros((1, 3, 4, 8), dtype=torch.uint8)
     out, vis = paste_image(images, crop, make_plan([[[3.25, 1.0]]], [[1.0]]))
-    assert out[0, 0, 1].tolist() == [0, 0, 0, 113, 13, 0, 0, 0]
+    assert out[0, 0, 1].tolist() == [0, 0, 0, 150, 50, 0, 0, 0]
     assert vis[0, 0, 1].tolist() == [False, False, False, True, False, False, False, False]
     assert out[0, :, [0, 2, 3]].sum() == 0
 
@@ -126,8 +126,9 @@ def test_two_pixel_crop_upsampled_by_two():
     crop[0, 0, 3] = 255
     images = torch.zeros((1, 3, 4, 4), dtype=torch.uint8)
     out, vis = paste_image(images, crop, make_plan([[[0.0, 0.0]]], [[2.0]], s=2))
-    # red: row 1 has full vertical weight: x=1 255*64/256 = 63.75, x=2 191.25, x=3 191.25 * alpha 0.75
-    assert out[0, 0, 1].tolist() == [0, 64, 191, 143]
+    # red, row 1 (both vertical taps inside): x=1 255*64/256 = 63.75, x=2 191.25, x=3 255 (tap 2
+    # reads the clamped tap 1) * alpha 0.75 = 191.25
+    assert out[0, 0, 1].tolist() == [0, 64, 191, 191]
     # alpha of the corner pixel = 0.75 * 0.75 = 0.5625 >= 0.5: the whole 4x4 is in the mask
     assert vis.all()
     assert out[0, 1:].sum() == 0

@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 import pytest
+
+from instbank.errors import BuildError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -317,7 +319,7 @@ def test_lmdb_records_its_codec(banks):
 
 def test_writers_refuse_unknown_options(tmp_path):
     for backend, options in [("lmdb", {"filter": "paeth"}), ("lmdb", {"dict": 1}), ("webdataset", {"codec": "jpg"})]:
-        with pytest.raises(ValueError, match="paeth|dict|jpg"):
+        with pytest.raises(BuildError, match="paeth|dict|jpg"):  # user-given options: a one-line error
             write_synthetic_bank(tmp_path / "b", 4, size=8, backend=backend, options=options)
 
 

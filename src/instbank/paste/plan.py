@@ -75,7 +75,7 @@ class CropGeometry:
         Used for packed ``[B, K, 5, S, S]`` tensors, which carry no source geometry.
         """
         s = alpha.shape[-1]
-        return cls(class_ids.long(), int(s), tight_boxes(alpha > 0))
+        return cls(class_ids.long(), int(s), tight_boxes(alpha))  # uint8: non-zero = set, no bool copy
 
 
 def any_along(masks: torch.Tensor, dim: int) -> torch.Tensor:

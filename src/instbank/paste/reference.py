@@ -30,7 +30,9 @@ in order (back to front; later pastes on top)::
     uf = u - 0.5 ; vf = v - 0.5                                # pixel-centre index space
     x0 = floor(uf) ; y0 = floor(vf)                            # int
     fx = floor((uf - x0) * 256) ; fy = floor((vf - y0) * 256) # int, clamped to 0..255
-    taps (x0,y0) (x0+1,y0) (x0,y0+1) (x0+1,y0+1); a tap outside [0,S)x[0,S) reads 0 (4 channels)
+    taps (x0,y0) (x0+1,y0) (x0,y0+1) (x0+1,y0+1):
+      alpha: a tap outside [0,S)x[0,S) reads 0
+      RGB:   a tap reads the pixel at its coordinates clamped to [0,S-1]x[0,S-1]
     wx0 = 256 - fx, wx1 = fx, wy0 = 256 - fy, wy1 = fy         # integer weights, sum 256 each
     A  = (a00*wx0 + a10*wx1)*wy0 + (a01*wx0 + a11*wx1)*wy1    # int32, 0 .. 255*65536
          (a_ij = alpha at (x0+i, y0+j))
@@ -50,20 +52,32 @@ make the mask threshold exact across implementations as long as ``u``, ``v`` and
 computed with the same float32 op sequence (subtract, multiply by ``inv_scale``, ``S - u`` for flip,
 subtract 0.5, floor, multiply by 256, floor); ``inv_scale`` precomputed avoids divide differences
 (Triton's fp32 divide is approximate on GPU); back-to-front alpha blending is what Simple
-Copy-Paste (Ghiasi et al. 2021, arXiv:2012.07177) does.
+Copy-Paste (Ghiasi et al. 2021, arXiv:2012.07177) does. RGB taps are clamped to the canvas edge
+rather than read as 0: the colour is weighted by alpha once, so the ring of pixels where an object
+touches the canvas edge keeps its colour (zero RGB there gave colour x alpha^2, a dark rim).
 
-This implementation: one host synchronisation reads every paste's target rectangle; then, per
-paste, only that rectangle is warped. The bilinear sample is separable (``u`` depends on ``x`` only,
-``v`` on ``y`` only): the horizontal sums ``a00*wx0 + a10*wx1`` are two row gathers of the
-transposed crop, the vertical ones two row gathers of their transpose, all in float32 on integer
-values below 2**24, hence exact (the int32 sums of the spec, bit for bit). Visible masks are then
-written front to back inside the same rectangles.
+Two implementations of the same arithmetic, chosen by the images' device:
+
+- CPU (``composite_rects``, numpy): one pass over the plan finds every paste's target rectangle
+  (the target image of the crop's non-zero alpha), and only that rectangle is warped, blended and
+  thresholded. The bilinear sample is separable (``u`` depends on ``x`` only, ``v`` on ``y`` only):
+  two row gathers along ``y`` in uint16 (``a*wy0 + b*wy1 <= 255*256``), then two column gathers
+  along ``x`` in float32 on integers below 2**24, exact (the int32 sums of the spec, bit for bit,
+  summed in the other order). numpy, not torch: at these sizes (a rectangle of ~100^2 pixels)
+  torch's per-call overhead and its slow comparisons and last-axis gathers cost 2-4x more
+  (measured on torch 2.13, one thread). Visible masks are then written front to back inside the
+  same rectangles.
+- Other devices (``_paste_dense``, torch): each paste is evaluated over the whole image,
+  vectorised over the batch, with no host synchronisation (the Triton kernel is the fast path
+  there).
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from instbank.paste.plan import PastePlan, tight_boxes
@@ -75,6 +89,19 @@ ALPHA_THRESHOLD = 128 * ONE
 # Pixels beyond the reach computed in ``_paste_windows`` that a float32 rounding could still bring
 # into it; two pixels is far more than any rounding of coordinates below 2**22.
 RECT_MARGIN = 2
+
+
+class Paste(NamedTuple):
+    """One applied paste that changes pixels: image ``b``, crop ``k``, target rectangle
+    ``[x0, x1) x [y0, y1)`` and the paste's raw mask there (numpy bool ``[y1 - y0, x1 - x0]``)."""
+
+    b: int
+    k: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    raw: np.ndarray
 
 
 def paste_image(
@@ -98,32 +125,17 @@ def paste_image(
         bool ``[B, K, H, W]`` visible masks of the pastes.
     """
     check_inputs(images, crops, plan, padding_mask)
-    b, _, h, w = images.shape
-    k, s = crops.shape[1], crops.shape[-1]
     vrange = default_value_range(images.dtype, value_range)
-    visible = torch.zeros((b, k, h, w), dtype=torch.bool, device=images.device)
-    result = images.clone()  # images without pastes are final: floor(x + 0.5) = x, cast(x) = x
-    if b == 0 or k == 0:
-        return result, visible
-    keep = None if padding_mask is None else ~padding_mask.to(torch.bool)
-    table, rows = _paste_windows(plan, crops, h, w)
-    if not rows:
-        return result, visible
-    # one image's float32 accumulator, reused: a fresh [B, 3, H, W] float32 buffer per call cost
-    # more in page faults than the blending (glibc returns large blocks to the OS on free)
-    canvas = torch.empty_like(images[0], dtype=torch.float32)
-    taps_x, taps_y = _all_taps(plan, table, rows, s)
-    raws = []
-    for bi, group in itertools.groupby(enumerate(rows), key=lambda item: item[1][0]):  # rows by image
-        canvas.copy_(images[bi])
-        region = None if keep is None else keep[bi]
-        for j, (_, ki, *rect_and_window) in group:
-            rect, window = rect_and_window[:4], rect_and_window[4:]
-            tx, ty = [v[j] for v in taps_x], [v[j] for v in taps_y]
-            raws.append((bi, ki, rect, _paste_one(canvas, crops[bi, ki], tx, ty, region, vrange, rect, window)))
-        _store(result[bi], canvas, vrange)
-    _write_visible(visible, raws)
-    return result, visible
+    if images.device.type != "cpu":
+        return _paste_dense(images, crops, plan, padding_mask, vrange)
+    b, _, h, w = images.shape
+    out = images.clone()  # images without pastes are final: floor(x + 0.5) = x, cast(x) = x
+    visible = torch.zeros((b, crops.shape[1], h, w), dtype=torch.bool)
+    planes = visible.numpy()
+    for group in composite_rects(out, images, crops, plan, padding_mask, vrange):
+        for p, vis in zip(group, group_visible(group)[0]):
+            planes[p.b, p.k, p.y0 : p.y1, p.x0 : p.x1] = vis
+    return out, visible
 
 
 def default_value_range(dtype: torch.dtype, value_range: float | None) -> float:
@@ -152,15 +164,15 @@ def check_inputs(images, crops, plan, padding_mask) -> None:
         raise ValueError(f"plan.translate must be {[*bk, 2]}, got {tuple(plan.translate.shape)}")
     if padding_mask is not None and tuple(padding_mask.shape) != (b, h, w):
         raise ValueError(f"padding_mask must be [{b}, {h}, {w}], got {tuple(padding_mask.shape)}")
-    for name, t in (("crops", crops), ("plan.translate", plan.translate), ("padding_mask", padding_mask)):
+    placed = [(f"plan.{name}", getattr(plan, name)) for name in ("apply", "inv_scale", "translate", "flip")]
+    for name, t in [("crops", crops), *placed, ("padding_mask", padding_mask)]:
         if t is not None and t.device != images.device:
             raise ValueError(f"{name} is on {t.device} but images are on {images.device}")
 
 
 def visible_masks(raw: torch.Tensor) -> torch.Tensor:
     """The spec's ``vis_k = raw_k & ~(raw_{k+1} | ... | raw_{K-1})`` over whole bool masks
-    ``[B, K, H, W]`` (``paste_image`` applies it inside each paste's rectangle instead); front to
-    back, one pass per paste (``cummax`` over K was 50x slower on CPU)."""
+    ``[B, K, H, W]``; front to back, one pass per paste (``cummax`` over K was 50x slower on CPU)."""
     visible = torch.empty_like(raw)
     covered = torch.zeros_like(raw[:, 0])
     for k in reversed(range(raw.shape[1])):
@@ -169,125 +181,308 @@ def visible_masks(raw: torch.Tensor) -> torch.Tensor:
     return visible
 
 
-def _write_visible(visible: torch.Tensor, raws: list) -> None:
-    """``visible_masks`` restricted to each paste's rectangle: front to back over ``raws``
-    (``(b, k, rect, raw mask of the rect)`` in back-to-front order)."""
-    b, _, h, w = visible.shape
-    covered = torch.zeros((b, h, w), dtype=torch.bool, device=visible.device)
-    for bi, ki, (x0, y0, x1, y1), raw in reversed(raws):
-        region = covered[bi, y0:y1, x0:x1]
-        visible[bi, ki, y0:y1, x0:x1] = raw & ~region
-        region |= raw
+# ------------------------------------------------------------------------------------------------
+# CPU: rectangles, numpy
 
 
-def _paste_windows(plan: PastePlan, crops: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, list]:
-    """Every applied paste that can change a pixel, as rows ``(b, k, x0, y0, x1, y1, cx0, cy0,
-    cx1, cy1)``: int64 ``[P, 10]`` on the device and the same as a list (one host sync).
+def composite_rects(
+    out: torch.Tensor,
+    images: torch.Tensor,
+    crops: torch.Tensor,
+    plan: PastePlan,
+    padding_mask: torch.Tensor | None,
+    vrange: float,
+) -> list[list[Paste]]:
+    """Blend every paste into ``out`` (a CPU copy of ``images``, written only inside the pastes'
+    rectangles); return the pastes, with their raw masks, as overlap groups: the pastes of one
+    image whose rectangles overlap (directly or through others), back to front, groups ordered by
+    image.
 
-    Outside the box of the crop's non-zero alpha (its support) every tap reads alpha 0, so a
+    Each group is blended in its own float32 tile (the group's bounding box), so a paste that
+    overlaps no other is warped, blended and rounded in contiguous arrays (numpy's strided
+    arithmetic on a rectangle of a full-size canvas cost 3-4x more per pixel).
+    """
+    h, w = images.shape[-2:]
+    table = _paste_windows(plan, crops[:, :, 3], h, w)
+    if len(table) == 0:
+        return []
+    taps_x, taps_y = _rect_taps(plan, table, crops.shape[-1])
+    src, dst = _pixels(images), _pixels(out)
+    kind = _pixel_kind(images.dtype)
+    crop_px = crops.numpy()
+    keep = None if padding_mask is None else ~padding_mask.to(torch.bool).numpy()
+    gain = None if vrange == 255.0 else np.float32(vrange / 255.0)
+    groups = []
+    for bi, rows in itertools.groupby(enumerate(table.tolist()), key=lambda item: item[1][0]):
+        rows = list(rows)
+        for members in _overlap_groups([row[2:6] for _, row in rows]):
+            box = _bounding_box([rows[i][1][2:6] for i in members])
+            gx0, gy0, gx1, gy1 = box
+            tile = _load_tile(src[bi], box, kind)
+            region = None if keep is None else keep[bi, gy0:gy1, gx0:gx1]
+            group = []
+            for i in members:
+                p, (_, ki, x0, y0, x1, y1, *window) = rows[i]
+                local = (x0 - gx0, y0 - gy0, x1 - gx0, y1 - gy0)
+                taps = ([t[p] for t in taps_x], [t[p] for t in taps_y])
+                raw = _blend_rect(tile, crop_px[bi, ki], *taps, region, gain, local, window)
+                group.append(Paste(bi, ki, x0, y0, x1, y1, raw))
+            for rect in [box] if len(group) == 1 else [q[2:6] for q in group]:
+                _store_rect(dst[bi], tile, rect, box, kind, vrange)
+            groups.append(group)
+    return groups
+
+
+def group_visible(group: list[Paste]) -> tuple[list[np.ndarray], np.ndarray, tuple[int, int, int, int]]:
+    """The visible masks of a (back-to-front) overlap group, rectangle-sized, in the order of the
+    group; the union of its raw masks over its bounding box; and that box ``x0, y0, x1, y1``."""
+    if len(group) == 1:
+        p = group[0]
+        return [p.raw], p.raw, (p.x0, p.y0, p.x1, p.y1)
+    box = gx0, gy0, gx1, gy1 = _bounding_box([p[2:6] for p in group])
+    covered = np.zeros((gy1 - gy0, gx1 - gx0), dtype=bool)
+    shown = []
+    for p in reversed(group):  # front to back
+        region = covered[p.y0 - gy0 : p.y1 - gy0, p.x0 - gx0 : p.x1 - gx0]
+        shown.append(p.raw & ~region)
+        region |= p.raw
+    return shown[::-1], covered, box
+
+
+def _overlap_groups(rects: list) -> list[list[int]]:
+    """Indices of ``rects`` (``x0, y0, x1, y1``) in connected components of overlap, each in
+    increasing order, components ordered by their first index (union-find; K rects: K^2/2 tests)."""
+    parent = list(range(len(rects)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, (ax0, ay0, ax1, ay1) in enumerate(rects):
+        for j in range(i):
+            bx0, by0, bx1, by1 = rects[j]
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rects)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def _bounding_box(rects: list) -> tuple[int, int, int, int]:
+    return (min(r[0] for r in rects), min(r[1] for r in rects), max(r[2] for r in rects), max(r[3] for r in rects))
+
+
+def _pixel_kind(dtype: torch.dtype) -> str:
+    return {torch.uint8: "uint8", torch.bfloat16: "bfloat16"}.get(dtype, "float")
+
+
+def _pixels(images: torch.Tensor) -> np.ndarray:
+    """numpy view of CPU images (any strides); bfloat16, which numpy lacks, as its uint16 bits."""
+    if images.dtype == torch.bfloat16:
+        return images.view(torch.int16).numpy().view(np.uint16)
+    return images.numpy()
+
+
+def _load_tile(image: np.ndarray, box, kind: str) -> np.ndarray:
+    """float32 ``[3, y1 - y0, x1 - x0]`` C-contiguous copy of ``image[:, box]`` (exact for every
+    image dtype)."""
+    x0, y0, x1, y1 = box
+    pixels = image[:, y0:y1, x0:x1]
+    if kind == "bfloat16":  # a bfloat16 is the top half of a float32
+        return np.left_shift(pixels.astype(np.uint32, order="C"), 16).view(np.float32)
+    return pixels.astype(np.float32, order="C")
+
+
+def _store_rect(image: np.ndarray, tile: np.ndarray, rect, box, kind: str, vrange: float) -> None:
+    """The spec's final conversion of ``rect`` of ``tile`` (whose origin is ``box[:2]``) into
+    ``image[:, rect]``.
+
+    uint8: ``floor(out + 0.5)`` clamped to ``[0, 255]`` is the truncating float -> uint8 cast of
+    ``out + 0.5`` (every blend is a convex combination of values in ``[0, 255]`` when
+    ``value_range <= 255``, so the clamp is needed only for larger ranges). bfloat16: rounded to
+    nearest even on the float32 bits, as torch rounds (finite values only occur here).
+    """
+    x0, y0, x1, y1 = rect
+    values = tile[:, y0 - box[1] : y1 - box[1], x0 - box[0] : x1 - box[0]]
+    if kind == "uint8":
+        values = values + np.float32(0.5)
+        if vrange > 255:
+            np.clip(values, 0, 255, out=values)
+    elif kind == "bfloat16":
+        bits = values.view(np.uint32)
+        values = (bits + (np.right_shift(bits, 16) & 1) + 0x7FFF) >> 16
+    image[:, y0:y1, x0:x1] = values
+
+
+def _paste_windows(plan: PastePlan, alpha: torch.Tensor, h: int, w: int) -> np.ndarray:
+    """Every applied paste that can change a pixel, as int64 rows ``(b, k, x0, y0, x1, y1, cx0,
+    cy0, cx1, cy1)`` ordered by ``b`` then ``k``: the target rectangle and the crop window read.
+
+    Outside the box of the crop's non-zero alpha (its support) every alpha tap reads 0, so a
     target pixel whose taps all fall outside it keeps its value and is not in the mask. The target
     rect ``(x0, y0, x1, y1)`` holds every pixel with a tap in the support ``[cx0, cx1)``: ``uf`` in
     ``[cx0 - 1, cx1)``, i.e. the pixel centre within ``tx + [cx0 - 1/2, cx1 + 1/2) * scale``
     (mirrored to ``S - cx1 .. S - cx0`` when flipped); ``RECT_MARGIN`` covers float32 rounding.
     The crop window read is the support grown by one pixel (clamped to the canvas): a pixel with
-    one tap in the support takes the RGB of its other tap, next to it; a pixel with a tap further
-    out has alpha 0 and keeps its value whatever RGB it reads.
+    alpha > 0 has one tap in the support, so its other tap, clamped to the canvas as RGB taps
+    are, lies next to it; a pixel with alpha 0 keeps its value whatever RGB it reads.
     """
-    s = crops.shape[-1]
-    support = tight_boxes(crops[:, :, 3] > 0).double()  # [B, K, 4] crop pixels
-    flip = plan.flip
-    lo_x = torch.where(flip, s - support[..., 2], support[..., 0])
-    hi_x = torch.where(flip, s - support[..., 0], support[..., 2])
-    scale = 1.0 / plan.inv_scale.double()  # bounds only: the pixels are computed as the spec says
-    t = plan.translate.double()
-    x0 = (t[..., 0] + (lo_x - 0.5) * scale - 0.5).floor() - RECT_MARGIN
-    y0 = (t[..., 1] + (support[..., 1] - 0.5) * scale - 0.5).floor() - RECT_MARGIN
-    x1 = (t[..., 0] + (hi_x + 0.5) * scale - 0.5).ceil() + RECT_MARGIN + 1
-    y1 = (t[..., 1] + (support[..., 3] + 0.5) * scale - 0.5).ceil() + RECT_MARGIN + 1
-    rect = torch.stack([x0.clamp(0, w), y0.clamp(0, h), x1.clamp(0, w), y1.clamp(0, h)], dim=-1)
-    b_idx, k_idx = torch.meshgrid(
-        torch.arange(flip.shape[0], device=flip.device), torch.arange(flip.shape[1], device=flip.device), indexing="ij"
-    )
-    grown = torch.cat([(support[..., :2] - 1).clamp(min=0), (support[..., 2:] + 1).clamp(max=s)], dim=-1)
-    table = torch.cat([b_idx[..., None].double(), k_idx[..., None].double(), rect, grown], dim=-1)
-    nonempty = (rect[..., 2] > rect[..., 0]) & (rect[..., 3] > rect[..., 1]) & (support[..., 2] > support[..., 0])
-    table = table[plan.apply & nonempty].long()  # row-major: b, then k increasing
-    return table, table.tolist()
+    s = alpha.shape[-1]
+    support = tight_boxes(alpha).numpy().astype(np.float64)  # [B, K, 4] crop pixels; uint8: non-zero
+    flip = plan.flip.numpy()
+    lo_x = np.where(flip, s - support[..., 2], support[..., 0])
+    hi_x = np.where(flip, s - support[..., 0], support[..., 2])
+    scale = 1.0 / plan.inv_scale.numpy().astype(np.float64)  # bounds only: pixels follow the spec
+    t = plan.translate.numpy().astype(np.float64)
+    x0 = np.floor(t[..., 0] + (lo_x - 0.5) * scale - 0.5) - RECT_MARGIN
+    y0 = np.floor(t[..., 1] + (support[..., 1] - 0.5) * scale - 0.5) - RECT_MARGIN
+    x1 = np.ceil(t[..., 0] + (hi_x + 0.5) * scale - 0.5) + RECT_MARGIN + 1
+    y1 = np.ceil(t[..., 1] + (support[..., 3] + 0.5) * scale - 0.5) + RECT_MARGIN + 1
+    rect = [np.clip(x0, 0, w), np.clip(y0, 0, h), np.clip(x1, 0, w), np.clip(y1, 0, h)]
+    grown = [np.maximum(support[..., 0] - 1, 0), np.maximum(support[..., 1] - 1, 0)]
+    grown += [np.minimum(support[..., 2] + 1, s), np.minimum(support[..., 3] + 1, s)]
+    nonempty = (rect[2] > rect[0]) & (rect[3] > rect[1]) & (support[..., 2] > support[..., 0])
+    chosen = plan.apply.numpy() & nonempty
+    bs, ks = np.nonzero(chosen)  # row-major: b, then k increasing
+    return np.stack([bs, ks, *(v[chosen].astype(np.int64) for v in rect + grown)], axis=1)
 
 
-def _all_taps(plan: PastePlan, table: torch.Tensor, rows: list, s: int) -> tuple:
-    """Bilinear taps of every paste (``table``/``rows`` from ``_paste_windows``), x then y, each
-    ``(i0, i1, w0, w1)`` of shape ``[P, n]`` padded to the widest (tallest) rect, at most the
-    image's width (height)."""
+def _rect_taps(plan: PastePlan, table: np.ndarray, s: int) -> tuple:
+    """Bilinear taps of every paste (``table`` from ``_paste_windows``), padded to the widest
+    (tallest) rect, along x then y, each ``(i0, i1, w0, w1)``: the two taps of target pixel ``j``
+    as int64 ``[P, n]`` indices into the crop window (clamped into it), and their integer weights
+    ``256 - f``, ``f`` per channel (alpha's zero for a tap outside the window), float32
+    ``[P, 4, 1, n]`` along x (RGB's divided by 65536: exact) and uint16 ``[P, 4, n, 1]`` along y.
+
+    Both axes in one pass, in the float32 op order of the spec. The window holds the support, so
+    an alpha tap out of it reads 0; see ``_paste_windows`` for why clamping RGB taps into it
+    changes no pixel.
+    """
     b, k = table[:, 0], table[:, 1]
-    inv = plan.inv_scale[b, k]
-    width = max(r[4] - r[2] for r in rows)
-    height = max(r[5] - r[3] for r in rows)
-    taps_x = _axis_taps(table[:, 2], width, plan.translate[b, k, 0], inv, plan.flip[b, k], s, table[:, 6], table[:, 8])
-    taps_y = _axis_taps(table[:, 3], height, plan.translate[b, k, 1], inv, None, s, table[:, 7], table[:, 9])
+    inv = plan.inv_scale.numpy()[b, k][:, None, None]
+    start = table[:, 2:4, None].astype(np.float32)  # [P, 2 (x, y), 1]
+    count = int((table[:, 4:6] - table[:, 2:4]).max())
+    u = (start + np.arange(count, dtype=np.float32) + np.float32(0.5) - plan.translate.numpy()[b, k][..., None]) * inv
+    flip = plan.flip.numpy()[b, k]
+    u[:, 0] = np.where(flip[:, None], np.float32(s) - u[:, 0], u[:, 0])
+    uf = u - np.float32(0.5)
+    i0f = np.floor(uf)
+    frac = np.floor((uf - i0f) * np.float32(256.0))  # uf - floor(uf) is exact and in [0, 1): 0..255
+    first = i0f.astype(np.int64)
+    lo, hi = table[:, 6:8, None], table[:, 8:10, None]
+    taps = []
+    for tap, weight in ((first, 256 - frac), (first + 1, frac)):
+        alpha = np.where((tap >= lo) & (tap < hi), weight, 0)
+        index = np.minimum(np.maximum(tap, lo), hi - 1) - lo
+        taps.append((index, np.stack([weight] * 3 + [alpha], axis=1)))  # [P, 2, n], [P, 4, 2, n]
+    (ia, wa), (ib, wb) = taps
+    rgb = np.array([1 / ONE] * 3 + [1.0], np.float32)[:, None]  # x weights of RGB / 65536
+    taps_x = (ia[:, 0], ib[:, 0], (wa[:, :, 0] * rgb)[:, :, None], (wb[:, :, 0] * rgb)[:, :, None])
+    taps_y = (ia[:, 1], ib[:, 1], wa[:, :, 1, :, None].astype(np.uint16), wb[:, :, 1, :, None].astype(np.uint16))
     return taps_x, taps_y
 
 
-def _axis_taps(start, count, t, inv, flip, s, c0, c1) -> tuple:
-    """For paste ``p`` and target pixel ``start[p] + j`` along one axis: the taps ``i0``, ``i0 + 1``
-    as int64 indices into the crop window ``[c0, c1)`` and their float32 weights ``256 - f``, ``f``
-    (float32 op order of the spec). A tap outside the window reads 0: its weight is set to 0 and
-    its index clamped into the window (see ``_paste_windows`` for why the window suffices)."""
-    pos = start[:, None].to(torch.float32) + torch.arange(count, device=start.device, dtype=torch.float32)
-    u = ((pos + 0.5) - t[:, None]) * inv[:, None]
-    if flip is not None:
-        u = torch.where(flip[:, None], float(s) - u, u)
-    uf = u - 0.5
-    i0 = torch.floor(uf)
-    frac = torch.floor((uf - i0) * 256.0).clamp(0, 255)
-    lo = c0[:, None].to(torch.float32)
-    hi = c1[:, None].to(torch.float32)
-    w0 = torch.where((i0 >= lo) & (i0 < hi), 256.0 - frac, 0.0)
-    w1 = torch.where((i0 + 1 >= lo) & (i0 + 1 < hi), frac, 0.0)
-    top = hi - lo - 1
-    first = torch.minimum((i0 - lo).clamp(min=0), top)
-    second = torch.minimum((i0 + 1 - lo).clamp(min=0), top)
-    return first.long(), second.long(), w0, w1
+def _blend_rect(tile, crop, taps_x, taps_y, keep, gain, rect, window) -> np.ndarray:
+    """Blend one crop (uint8 ``[4, S, S]``) into ``tile`` (float32 ``[3, h, w]``) over ``rect`` (in
+    tile coordinates); returns its raw mask there (``keep``: bool ``[h, w]``, False = padding, or
+    None).
 
-
-def _paste_one(canvas, crop, taps_x, taps_y, keep, vrange, rect, window) -> torch.Tensor:
-    """Blend one crop ``[4, S, S]`` into ``canvas`` (float32 ``[3, H, W]``) over ``rect``; returns
-    its raw mask there (``keep``: bool ``[H, W]``, False = padding, or None).
-
-    ``a00*wx0 + a10*wx1`` for every crop row: two row gathers of the transposed window; then the
-    same along y on its transpose. Values stay integers below 2**24 in float32: exact.
+    Along y: two row gathers of the crop window, weighted in uint16 (at most ``255 * 256``); along
+    x: two column gathers, weighted in float32 (integers at most ``255 * 65536 < 2**24``: exact).
     """
     x0, y0, x1, y1 = rect
     cx0, cy0, cx1, cy1 = window
-    xa, xb, wx0, wx1 = (v[: x1 - x0] for v in taps_x)
-    ya, yb, wy0, wy1 = (v[: y1 - y0] for v in taps_y)
-    columns = crop[:, cy0:cy1, cx0:cx1].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    across = columns.index_select(1, xa).mul_(wx0[:, None]).add_(columns.index_select(1, xb).mul_(wx1[:, None]))
-    rows = across.transpose(1, 2).contiguous()  # [4, window height, w], integers <= 255 * 256
-    total = rows.index_select(1, ya).mul_(wy0[:, None]).add_(rows.index_select(1, yb).mul_(wy1[:, None]))
-    a = total[3]  # [h, w], integers <= 255 * 65536
-    inside = a >= ALPHA_THRESHOLD
-    alpha = a / float(ALPHA_MAX)
+    ya, yb, wya, wyb = taps_y
+    xa, xb, wxa, wxb = taps_x
+    h, w = y1 - y0, x1 - x0
+    win = crop[:, cy0:cy1, cx0:cx1]
+    rows = win[:, ya[:h], :] * wya[:, :h]
+    rows += win[:, yb[:h], :] * wyb[:, :h]
+    total = rows[:, :, xa[:w]] * wxa[..., :w]
+    total += rows[:, :, xb[:w]] * wxb[..., :w]
+    a = total[3]
+    raw = a >= ALPHA_THRESHOLD
+    alpha = a / np.float32(ALPHA_MAX)
     if keep is not None:
         region = keep[y0:y1, x0:x1]
-        inside &= region
-        alpha = torch.where(region, alpha, 0.0)
-    # rgb / 65536 * (value_range / 255): dividing by 2**16 is exact, so one multiply does both
-    colour = total[:3].mul_(vrange / 255.0 / ONE).mul_(alpha)
-    canvas[:, y0:y1, x0:x1].mul_(1.0 - alpha).add_(colour)  # not addcmul: its FMA rounds differently
-    return inside
+        raw &= region
+        alpha *= region
+    colour = total[:3]  # rgb_k (the x weights of RGB carry the 1 / 65536)
+    if gain is not None:
+        colour *= gain
+    colour *= alpha
+    target = tile[:, y0:y1, x0:x1]
+    target *= 1 - alpha  # then + colour: not a fused multiply-add, which rounds differently
+    target += colour
+    return raw
 
 
-def _store(target: torch.Tensor, canvas: torch.Tensor, vrange: float) -> None:
-    """The spec's final conversion of ``canvas`` into ``target`` (the image's dtype), in place.
+# ------------------------------------------------------------------------------------------------
+# other devices: whole images, torch, no host synchronisation
 
-    For uint8, ``floor(out + 0.5)`` clamped to ``[0, 255]`` is the truncating float -> uint8 copy
-    of ``clamp(out + 0.5, 0, 255)``: the two agree on every value, with one pass less. With
-    ``value_range <= 255`` every blend is a convex combination of values in ``[0, 255]`` (up to a
-    rounding far below 0.5), so the clamp is needed only for larger value ranges.
-    """
-    if target.dtype == torch.uint8:
-        canvas.add_(0.5)
-        if vrange > 255:
-            canvas.clamp_(0, 255)
-    target.copy_(canvas)
+
+def _paste_dense(images, crops, plan, padding_mask, vrange) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spec evaluated at every pixel for every paste, vectorised over the batch: no host
+    synchronisation, ``O(B * 4 * (S + H) * W)`` float32 scratch per paste."""
+    b, _, h, w = images.shape
+    k, s = crops.shape[1], crops.shape[-1]
+    out = images.to(torch.float32)  # keeps the memory format
+    raw = torch.zeros((b, k, h, w), dtype=torch.bool, device=images.device)
+    xs = torch.arange(w, device=images.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, device=images.device, dtype=torch.float32) + 0.5
+    keep = None if padding_mask is None else ~padding_mask.to(torch.bool)
+    gain = vrange / 255.0 / ONE
+    for ki in range(k):
+        inv = plan.inv_scale[:, ki, None]
+        u = (xs - plan.translate[:, ki, 0, None]) * inv
+        u = torch.where(plan.flip[:, ki, None], float(s) - u, u)
+        v = (ys - plan.translate[:, ki, 1, None]) * inv
+        total = _dense_sample(crops[:, ki], _dense_taps(u, s), _dense_taps(v, s))  # [B, 4, H, W]
+        ok = plan.apply[:, ki, None, None].expand(b, h, w)
+        if keep is not None:
+            ok = ok & keep
+        a = total[:, 3]
+        raw[:, ki] = ok & (a >= ALPHA_THRESHOLD)
+        alpha = torch.where(ok, a / float(ALPHA_MAX), 0.0)[:, None]
+        out = out * (1.0 - alpha) + total[:, :3].mul_(gain).mul_(alpha)
+    if images.dtype == torch.uint8:
+        out = (out + 0.5).clamp_(0, 255)  # the truncating cast below then rounds half up
+    result = torch.empty_like(images)  # the images' memory format, whatever the blend's layout
+    result.copy_(out)
+    return result, visible_masks(raw)
+
+
+def _dense_taps(u: torch.Tensor, s: int) -> tuple:
+    """Per-axis taps of continuous crop coordinates ``u`` ``[B, n]``: canvas indices ``i0, i1``
+    (int64, clamped to the canvas as RGB taps are) and weights ``[B, 4, n]`` (alpha's zero for a
+    tap outside the canvas)."""
+    uf = u - 0.5
+    i0f = torch.floor(uf)
+    frac = torch.floor((uf - i0f) * 256.0).clamp(0, 255)
+    i0 = i0f.clamp(-2, s + 1).long()  # far-away pixels stay outside the canvas
+    alpha0 = torch.where((i0 >= 0) & (i0 < s), 256.0 - frac, 0.0)
+    alpha1 = torch.where((i0 + 1 >= 0) & (i0 + 1 < s), frac, 0.0)
+    w0 = torch.stack([256.0 - frac] * 3 + [alpha0], dim=1)
+    w1 = torch.stack([frac] * 3 + [alpha1], dim=1)
+    return i0.clamp(0, s - 1), (i0 + 1).clamp(0, s - 1), w0, w1
+
+
+def _dense_sample(crop: torch.Tensor, taps_x: tuple, taps_y: tuple) -> torch.Tensor:
+    """Integer bilinear sums float32 ``[B, 4, H, W]`` of uint8 crops ``[B, 4, S, S]`` (exact:
+    integers below 2**24)."""
+    b, c, s, _ = crop.shape
+    xa, xb, wxa, wxb = taps_x
+    ya, yb, wya, wyb = taps_y
+    w, h = xa.shape[1], ya.shape[1]
+
+    def columns(index):
+        return crop.gather(3, index[:, None, None, :].expand(b, c, s, w)).to(torch.float32)
+
+    across = columns(xa) * wxa[:, :, None, :] + columns(xb) * wxb[:, :, None, :]  # [B, 4, S, W]
+
+    def rows(index):
+        return across.gather(2, index[:, None, :, None].expand(b, c, h, w))
+
+    return rows(ya) * wya[..., None] + rows(yb) * wyb[..., None]

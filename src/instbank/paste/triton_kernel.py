@@ -64,8 +64,8 @@ LAUNCH_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 def _bilinear_sum(ptr, row0, row1, col0, col1, m00, m10, m01, m11, wx0, wx1, wy0, wy1):
     """Integer bilinear sum of one uint8 crop plane: int32 ``[BLOCK_H, BLOCK_W]``, 0..255*65536.
 
-    ``row*``/``col*`` are 1-D offsets (int64) of the two tap rows/columns, ``m**`` the in-canvas masks
-    of the four taps (outside reads 0), ``w**`` the 1-D integer weights (each pair sums to 256).
+    ``row*``/``col*`` are 1-D offsets (int64) of the two tap rows/columns, ``m**`` the masks of the
+    four taps (a masked tap reads 0), ``w**`` the 1-D integer weights (each pair sums to 256).
     """
     r0 = row0[:, None]
     r1 = row1[:, None]
@@ -94,6 +94,12 @@ def _taps_1d(u):
     frac = tl.minimum(tl.maximum(frac, 0.0), 255.0).to(tl.int32)
     i0 = tl.minimum(tl.maximum(i0f, -2.0), 1048576.0).to(tl.int32)
     return i0, frac
+
+
+@triton.jit
+def _clamp_tap(i, S):
+    """int64 tap index ``i`` (int32) clamped to the canvas ``[0, S - 1]``."""
+    return tl.minimum(tl.maximum(i, 0), S - 1).to(tl.int64)
 
 
 # K, S and tiles_w vary per call; not specialising on them avoids a recompile per value.
@@ -206,17 +212,24 @@ def _paste_kernel(
             crop = crop_ptr + b * s_cb + k * s_ck
 
             a_sum = _bilinear_sum(crop + 3 * s_cc, row0, row1, col0, col1, m00, m10, m01, m11, wx0, fx, wy0, fy)
+            # RGB taps read the pixel at their coordinates clamped to the canvas (no dark rim where
+            # the object touches the canvas edge): every load is in bounds.
+            col0 = _clamp_tap(x0, S) * s_cx
+            col1 = _clamp_tap(x0 + 1, S) * s_cx
+            row0 = _clamp_tap(y0, S) * s_cy
+            row1 = _clamp_tap(y0 + 1, S) * s_cy
+            every = tl.full((BLOCK_H, BLOCK_W), 1, tl.int1)
             raw = (a_sum >= 128 * 65536) & open_px
             alpha = tl.where(open_px, a_sum.to(tl.float32) * (1.0 / (255.0 * 65536.0)), 0.0)
             tl.store(mask_tile, (raw & ~covered).to(tl.uint8), mask=inside)
             covered = covered | raw
 
             weight = transmit * alpha * rgb_gain
-            r_sum = _bilinear_sum(crop, row0, row1, col0, col1, m00, m10, m01, m11, wx0, fx, wy0, fy)
+            r_sum = _bilinear_sum(crop, row0, row1, col0, col1, every, every, every, every, wx0, fx, wy0, fy)
             acc_r += r_sum.to(tl.float32) * weight
-            g_sum = _bilinear_sum(crop + s_cc, row0, row1, col0, col1, m00, m10, m01, m11, wx0, fx, wy0, fy)
+            g_sum = _bilinear_sum(crop + s_cc, row0, row1, col0, col1, every, every, every, every, wx0, fx, wy0, fy)
             acc_g += g_sum.to(tl.float32) * weight
-            b_sum = _bilinear_sum(crop + 2 * s_cc, row0, row1, col0, col1, m00, m10, m01, m11, wx0, fx, wy0, fy)
+            b_sum = _bilinear_sum(crop + 2 * s_cc, row0, row1, col0, col1, every, every, every, every, wx0, fx, wy0, fy)
             acc_b += b_sum.to(tl.float32) * weight
             transmit = transmit * (1.0 - alpha)
         else:

@@ -107,11 +107,11 @@ def make_version(backend: str, content: str) -> str:
 # The payload (pixels, fsync'ed by each backend's writer) and manifest.json (the commit point:
 # fsync of the file and of its directory, so the rename itself is on disk) are durable. The small
 # files (meta.npy, digests.npy, shard.json, build.json) are only renamed into place, never seen
-# half-written: fsync'ing them cost 4 fsyncs per shard, 0.1 s of a 1.5 s build of 80 images
-# (docs/perf/build.md). The trade-off: after a power failure, a bank committed just before it can
-# miss such a file; it then fails with a BankError naming the file (np.load refuses a short or
-# empty .npy; resume re-checks shard.json against digests.npy), never serves wrong crops.
-# Rebuild it with --overwrite.
+# half-written: fsync'ing them costs 3 fsyncs per shard (+1 for build.json), measured 0.05 s of a
+# 1.1 s build of 160 images in 4 shards (docs/perf/build.md; at 512-image shards it is < 0.5%).
+# The trade-off: after a power failure, a bank committed just before it can miss such a file; it
+# then fails with a BankError naming the file (np.load refuses a short or empty .npy; resume
+# re-checks shard.json against digests.npy), never serves wrong crops. Rebuild with --overwrite.
 
 
 def write_json_atomic(path: Path, obj: Any, durable: bool = False) -> None:
