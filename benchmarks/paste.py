@@ -1,7 +1,7 @@
 """Copy-paste speed: instbank against AlbumentationsX on CPU, Triton against the torch reference on GPU.
 
     .venv/bin/python benchmarks/paste.py [--size 512] [--k 8] [--crop 128] [--images 32]
-        [--cpu-batches 1 8] [--existing 4] [--threads 1] [--repeats 5] [--bank out/demo-bank]
+        [--cpu-batches 1 8] [--existing 4] [--threads 1] [--repeats 7] [--bank out/demo-bank]
         [--gpu-batch 32] [--gpu-sizes 512 1024] [--peak-bw GB/s]
 
 (a) CPU, per image, both sides doing the whole augmentation of one training sample from the same
@@ -21,11 +21,12 @@ refit or dropped).
   of existing instances it cuts; instbank does.)
 
 Rows: ``hard`` (alpha thresholded) and ``gaussian`` (alpha blurred, sigma 1..3) blending on both
-sides, for each instbank batch size; median over ``--repeats`` of ms per image, wall clock and
-process CPU time (the latter moves less when other jobs share the machine), ratio =
-AlbumentationsX / instbank. ``--threads`` sets both torch's and OpenCV's thread count (DataLoader
-workers run torch with 1 thread). No allocator tuning (``MALLOC_*`` variables, jemalloc) on either
-side: page faults on fresh output buffers are part of what a user pays.
+sides, for each instbank batch size; median over ``--repeats`` rounds of ms per image, wall clock
+and process CPU time (the latter moves less when other jobs share the machine); in each round the
+sides take turns, and the ratio is the median of the rounds' AlbumentationsX / instbank.
+``--threads`` sets both torch's and OpenCV's thread count (DataLoader workers run torch with 1
+thread). No allocator tuning (``MALLOC_*`` variables, jemalloc) on either side: page faults on
+fresh output buffers are part of what a user pays.
 
 (b) GPU, only with CUDA: ``paste_image`` of the Triton kernel against the torch reference on the
 same device, uint8 images ``[--gpu-batch, 3, H, W]`` for each ``--gpu-sizes``, K crops of S², same
@@ -96,20 +97,23 @@ def tight_box(mask: np.ndarray) -> list[int]:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
-def median_ms(fn, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and process CPU milliseconds of ``fn()`` over ``repeats`` after a warm-up.
+def interleaved_ms(runs: dict, repeats: int) -> dict:
+    """Wall-clock and process CPU milliseconds of each ``runs[name]()``, ``repeats`` rounds after a
+    warm-up, the functions taking turns within each round: ``{name: [(wall, cpu), ...]}``.
 
-    CPU time (``time.process_time``) is what the work costs this process; on a machine shared with
-    other jobs it moves less than wall time, which also counts waiting for a core.
+    Taking turns makes a ratio of two sides within a round insensitive to the load of a machine
+    shared with other jobs drifting between rounds; CPU time (``time.process_time``) is what the
+    work costs this process, wall time also counts waiting for a core.
     """
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
+    for fn in runs.values():
         fn()
-        wall.append(time.perf_counter() - start_wall)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+    times: dict = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append(((time.perf_counter() - start_wall) * 1e3, (time.process_time() - start_cpu) * 1e3))
+    return times
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,15 +188,22 @@ def cpu_section(args, bank, source: str) -> None:
           f"{args.existing} existing instances (masks, boxes, labels); {source}")
     print(f"    torch {torch.__version__} ({torch.get_num_threads()} thread), albumentationsx {A.__version__}, "
           f"opencv {cv2.__version__} ({args.threads} thread)")
-    print(f"    {'blend':9s} {'B':>2s} {'clock':5s} {'instbank ms/img':>16s} {'AlbumentationsX ms/img':>23s} {'ratio':>7s}")
+    header = f"{'blend':9s} {'B':>2s} {'clock':5s} {'instbank ms/img':>16s} {'AlbumentationsX ms/img':>23s}"
+    print(f"    {header} {'ratio':>7s}")
+    donors = np.asarray(bank.get_many(indices.reshape(-1))).reshape(n, k, 4, s, s)
     for blend in ("hard", "gaussian"):
-        donors = np.asarray(bank.get_many(indices.reshape(-1))).reshape(n, k, 4, s, s)
-        theirs = median_ms(albumentations_cpu(images_np, donors, masks_np, boxes_np, blend, k), args.repeats)
+        runs = {"albumentationsx": albumentations_cpu(images_np, donors, masks_np, boxes_np, blend, k)}
         for batch in args.cpu_batches:
             batches = [bank_batch(bank, indices[lo : lo + batch]) for lo in range(0, n, batch)]
-            ours = median_ms(instbank_cpu(images, batches, masks, boxes, labels, blend, batch), args.repeats)
-            for clock, a, b in (("wall", ours[0] / n, theirs[0] / n), ("cpu", ours[1] / n, theirs[1] / n)):
-                print(f"    {blend:9s} {batch:2d} {clock:5s} {a:16.2f} {b:23.2f} {b / a:6.1f}x")
+            runs[batch] = instbank_cpu(images, batches, masks, boxes, labels, blend, batch)
+        times = interleaved_ms(runs, args.repeats)
+        theirs = times.pop("albumentationsx")
+        for batch, ours in times.items():
+            for c, clock in enumerate(("wall", "cpu")):
+                a = statistics.median(t[c] for t in ours) / n
+                b = statistics.median(t[c] for t in theirs) / n
+                ratio = statistics.median(their[c] / our[c] for their, our in zip(theirs, ours))
+                print(f"    {blend:9s} {batch:2d} {clock:5s} {a:16.2f} {b:23.2f} {ratio:6.1f}x")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +269,7 @@ def main() -> None:
     parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--existing", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--bank", type=Path, default=Path("out/demo-bank"))
     parser.add_argument("--gpu-batch", type=int, default=32)
     parser.add_argument("--gpu-sizes", type=int, nargs="+", default=[512, 1024])

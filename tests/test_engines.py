@@ -31,6 +31,7 @@ def ray_cluster():
     """The caller's Ray (two CPUs), shared by the tests of this module; yields the ``ray`` module.
     Imported here, not at module level: importing Ray takes ~5 s, paid only when these tests run."""
     ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()
@@ -71,11 +72,15 @@ def test_ray_build_on_coco128_seg_equals_local(tmp_path, ray_cluster):
     _assert_same_bank(local, remote)
 
 
-def test_callers_ray_is_left_running_and_resume_reuses_shards(tmp_path, ray_cluster):
+def test_callers_ray_and_settings_are_left_as_they_were_and_resume_reuses_shards(tmp_path, ray_cluster):
     dataset = read_coco(SAMPLE_COCO)
     config = BuildConfig(size=16, shard_images=3)
+    ctx = ray_cluster.data.DataContext.get_current()
+    settings = ("enable_progress_bars", "op_resource_reservation_enabled")
+    before = [getattr(ctx, name) for name in settings]
     first = build_bank(dataset, tmp_path / "b", config, workers=2, engine="ray")
     assert ray_cluster.is_initialized()
+    assert [getattr(ctx, name) for name in settings] == before
     # As after a kill while shard 1 was being written: no manifest, shard 1 unfinished.
     (tmp_path / "b" / "manifest.json").unlink()
     (tmp_path / "b" / "shards" / "000001" / "shard.json").unlink()

@@ -6,12 +6,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from instbank.paste import paste
+from instbank.paste import BankCopyPaste, paste
 from instbank.paste.annotations import (
     Instances,
     boxes_from_masks,
     concat_instances,
     occlude_instances,
+    paint_semantic,
     paste_instances,
 )
 from instbank.paste.plan import CropGeometry, draw_plan
@@ -110,3 +111,46 @@ def test_plan_replays_identically(case):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     for a, b in zip(first[2], second[2]):
         assert torch.equal(a, b)
+
+
+@SETTINGS
+@given(cases(), st.integers(0, 255))
+def test_crops_of_the_image_colour_change_nothing(case, level):
+    """RGB taps are clamped to the canvas, so a crop whose RGB is the image's colour leaves the
+    image as it was, whatever its alpha, rim included (colour * alpha + colour * (1 - alpha))."""
+    images, crops, plan, padding, _ = case
+    flat = torch.full((images.shape[0], 3, *images.shape[2:]), level, dtype=torch.uint8)
+    plain = crops.clone()
+    plain[:, :, :3] = level
+    out, _ = paste(flat, plain, plan, padding_mask=padding, impl="torch")
+    assert torch.equal(out, flat)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from([torch.bool, torch.uint8]), st.booleans(), st.booleans())
+def test_module_on_cpu_equals_the_whole_mask_building_blocks(case, mask_dtype, give_boxes, with_semantic):
+    """``BankCopyPaste`` on CPU works inside the pastes' rectangles; the same plan through
+    ``paste`` and the whole-mask annotation functions must give the same outputs."""
+    images, crops, _, padding, existing = case
+    b, k = crops.shape[:2]
+    g = torch.Generator().manual_seed(int(crops.sum()) + b * 7 + k)
+    masks = existing.masks if mask_dtype == torch.bool else existing.masks.to(torch.uint8) * 255  # non-zero = set
+    semantic = torch.randint(0, 300, images.shape[:1] + images.shape[2:], generator=g) if with_semantic else None
+    module = BankCopyPaste(impl="torch", scale_range=(0.1, 3.0), prob=0.7, min_visible=0.3)
+    class_plane = torch.randint(0, 9, (b, k, 1, 1, 1), generator=g).expand_as(crops[:, :, :1])
+    module.set_bank_batch(torch.cat([crops, class_plane], dim=2))
+    boxes = existing.boxes + 1.0 if give_boxes else None  # given boxes are kept where untouched
+    got = module(images, masks, boxes, existing.labels, None, semantic, padding, g)
+    plan = got["plan"]
+    want_images, visible = paste(images, crops, plan, padding_mask=padding, impl="torch")
+    given = Instances(masks, existing.boxes + 1.0 if give_boxes else existing.boxes, existing.labels, existing.valid)
+    kept = occlude_instances(given, visible.any(dim=1), 0.3)
+    pasted = paste_instances(visible, plan, crops, 0.3)
+    want = concat_instances(kept, pasted, mask_dtype)
+    assert torch.equal(got["images"], want_images)
+    for key, value in zip(("masks", "boxes", "labels", "valid"), want):
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    for key, value in zip(("paste_masks", "paste_boxes", "paste_labels", "paste_valid"), pasted):
+        assert torch.equal(got[key], value), key
+    if with_semantic:
+        assert torch.equal(got["semantic"], paint_semantic(semantic, visible, plan.labels))

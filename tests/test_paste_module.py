@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -76,6 +78,7 @@ def test_forward_outputs_existing_then_pasted_and_paints_semantic():
     assert out["masks"].shape == (2, 5, H, W) and out["boxes"].shape == (2, 5, 4)
     assert torch.equal(out["labels"], torch.cat([labels, batch.class_ids], dim=1))
     assert torch.equal(out["masks"][:, 2:], out["paste_masks"])
+    assert out["paste_masks"].data_ptr() == out["masks"][:, 2:].data_ptr()  # a view, not a copy
     assert torch.equal(out["masks"][:, :2], masks & ~out["paste_masks"].any(dim=1, keepdim=True))
     assert torch.equal(out["boxes"][:, 2:], boxes_from_masks(out["paste_masks"])[0])
     assert out["paste_valid"].any()
@@ -138,3 +141,18 @@ def test_errors_are_clear():
     module.set_bank_batch(bank_batch())
     with pytest.raises(ValueError, match="labels are required"):
         module(images(), masks=torch.zeros(2, 1, H, W, dtype=torch.bool))
+
+
+def test_one_module_serves_changing_shapes():
+    module = BankCopyPaste(CopyPasteConfig(scale_range=(0.3, 0.6), blend="hard"))
+    for b, k, s in ((2, 3, 16), (1, 2, 16), (2, 3, 24)):
+        batch = bank_batch(b=b, k=k, s=s)
+        module.set_bank_batch(batch)
+        out = module(images(b), generator=seeded())
+        fresh = BankCopyPaste(CopyPasteConfig(scale_range=(0.3, 0.6), blend="hard"))
+        fresh.set_bank_batch(batch)
+        again = fresh(images(b), generator=seeded())
+        assert torch.equal(out["images"], again["images"]) and torch.equal(out["masks"], again["masks"])
+        assert out["paste_valid"].any()
+    copy = pickle.loads(pickle.dumps(module))  # e.g. sent to DataLoader workers, batch staged
+    assert torch.equal(copy(images(), generator=seeded())["masks"], module(images(), generator=seeded())["masks"])

@@ -12,6 +12,7 @@ import torch
 
 from instbank.paste import paste, prepare_alpha, resolve_impl
 from instbank.paste.annotations import Instances, occlude_instances, paint_semantic, paste_instances
+from instbank.paste import reference
 from instbank.paste.plan import CropGeometry, PastePlan, draw_plan, tight_boxes
 from instbank.paste.reference import paste_image, visible_masks
 
@@ -235,6 +236,44 @@ def test_rectangles_equal_the_full_canvas_spec(seed):
     want_out, want_vis = spec_full_canvas(images, crops, plan, padding)
     assert torch.equal(vis, want_vis)
     assert torch.equal(out, want_out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_whole_image_path_equals_the_full_canvas_spec(seed):
+    # the torch path of non-CPU devices (no host synchronisation), run here on CPU tensors
+    g = torch.Generator().manual_seed(100 + seed)
+    b, k, s, h, w = 2, 3, 7, 19, 26
+    crops = torch.randint(0, 256, (b, k, 4, s, s), dtype=torch.uint8, generator=g)
+    crops[:, :, 3] *= (torch.rand(b, k, s, s, generator=g) < 0.7).to(torch.uint8)
+    geometry = CropGeometry.from_alpha(crops[:, :, 3], torch.zeros(b, k, dtype=torch.int64))
+    plan = draw_plan(geometry, (h, w), g, scale_range=(0.3, 3.0), prob=0.8, blend="none")
+    padding = torch.rand(b, h, w, generator=g) < 0.2 if seed % 2 else None
+    images = torch.rand(b, 3, h, w, generator=g)
+    images = (images * 255).to(torch.uint8) if seed < 2 else images.to(torch.bfloat16)
+    if seed % 3 == 0:
+        images = images.contiguous(memory_format=torch.channels_last)
+    out, vis = reference._paste_dense(images, crops, plan, padding, 255.0 if seed < 2 else 1.0)
+    want_out, want_vis = spec_full_canvas(images, crops, plan, padding)
+    assert torch.equal(vis, want_vis) and torch.equal(out, want_out)
+    assert out.stride() == images.stride()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_object_touching_the_canvas_edge_keeps_its_colour(flip):
+    # RGB 200 everywhere, alpha 255 on the left 10 of 16 columns: the object touches the canvas's
+    # left, top and bottom edges. Pasted at a fractional offset and scale, its rim has alpha in
+    # (0, 1); every pixel must show 200 * alpha (black background), not 200 * alpha**2.
+    s = 16
+    crop = solid_crop(s, (200, 200, 200), alpha=0)
+    crop[0, 0, 3, :, :10] = 255
+    plan = make_plan([[[3.3, 2.6]]], [[1.37]], flip=[[flip]], s=s, hw=(30, 30))
+    black = torch.zeros((1, 3, 30, 30), dtype=torch.uint8)
+    on_black, _ = paste_image(black, crop, plan)  # 200 * alpha
+    on_white, _ = paste_image(black + 255, crop, plan)  # 255 * (1 - alpha) + 200 * alpha
+    alpha = 1 - (on_white.float() - on_black.float()) / 255  # within 1/255
+    rim = (alpha[0, 0] > 0.05) & (alpha[0, 0] < 0.95)
+    assert rim.sum() >= 30  # the canvas edges (top, bottom, one side) and the object's own edge
+    assert ((on_black.float() - 200 * alpha).abs() <= 1.5).all()
 
 
 def test_bad_inputs_are_named():

@@ -232,6 +232,27 @@ def test_pastes_straddling_tile_edges(scale):
     assert masks.any(dim=(2, 3)).all()
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_object_touching_the_canvas_edge_keeps_its_colour(flip):
+    """RGB taps outside the canvas read the pixel clamped to its edge (alpha taps read 0), so a crop
+    of RGB 200 whose object touches the canvas's left, top and bottom edges pastes as 200 * alpha,
+    with no dark rim (200 * alpha**2 when RGB taps outside read 0)."""
+    s = 16
+    crops = torch.zeros((1, 1, 4, s, s), dtype=torch.uint8)
+    crops[:, :, :3] = 200
+    crops[0, 0, 3, :, :10] = 255
+    plan = make_plan(
+        torch.ones((1, 1), dtype=torch.bool), torch.full((1, 1), 1.37), torch.tensor([[[3.3, 2.6]]]),
+        torch.full((1, 1), flip),
+    ).to(DEVICE)
+    black = torch.zeros((1, 3, 30, 30), dtype=torch.uint8, device=DEVICE)
+    on_black, _ = triton_kernel.paste_image(black, crops.to(DEVICE), plan)  # 200 * alpha
+    on_white, _ = triton_kernel.paste_image(black + 255, crops.to(DEVICE), plan)  # 255 (1 - alpha) + 200 alpha
+    alpha = 1 - (on_white.float() - on_black.float()) / 255
+    assert ((alpha[0, 0] > 0.05) & (alpha[0, 0] < 0.95)).sum() >= 30  # the rim
+    assert ((on_black.float() - 200 * alpha).abs() <= 1.5).all()
+
+
 def test_later_paste_hides_earlier_one():
     """Two identical opaque pastes: the first is invisible, the second fully visible."""
     s, h, w = 8, 20, 20

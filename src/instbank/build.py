@@ -19,6 +19,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -355,6 +356,11 @@ def run_local(jobs, config: BuildConfig, workers: int, progress: ProgressFn | No
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ray = sys.modules.get("ray")
+    if method == "fork" and ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        # Forking a process that runs a Ray driver has been seen to leave later Ray tasks unstarted
+        # (docs/scale-out.md); forkserver children start from a clean process instead.
+        method = "forkserver"
     ctx = mp.get_context(method)
     q = ctx.Queue()
     with _opencv_single_threaded(), ProcessPoolExecutor(

@@ -77,10 +77,28 @@ def build_shard_row(row: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
     same types, so the blocks share one Arrow schema.
     """
     try:
-        info = build_shard(pickle.loads(row["images"]), row["shard_dir"], config)
+        with _opencv_single_threaded():
+            info = build_shard(pickle.loads(row["images"]), row["shard_dir"], config)
     except Exception as e:  # noqa: BLE001 - shipped to the driver and re-raised there
         return {"shard": row["shard"], "info": "", "error": _pickle_error(e), "traceback": traceback.format_exc()}
     return {"shard": row["shard"], "info": json.dumps(info), "error": b"", "traceback": ""}
+
+
+@contextmanager
+def _opencv_single_threaded() -> Iterator[None]:
+    """A task holds one CPU (``num_cpus=1``), but OpenCV resizes on its own pool of one thread per
+    core (Ray's ``OMP_NUM_THREADS=1`` does not reach it): next to the other tasks those threads
+    only oversubscribe the cores, as in ``run_local``. The worker process is Ray's and may run other
+    code afterwards, so the setting is restored. (Safe here: Ray starts workers with exec, not as
+    forks of a process whose OpenCV pool is running.)"""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _pickle_error(e: Exception) -> bytes:
@@ -119,11 +137,17 @@ def ray_session(workers: int, address: str | None = None, runtime_env: dict | No
 
 
 @contextmanager
-def _quiet_data_context(ray) -> Iterator[None]:
-    """Silence Ray Data's progress bars and its per-execution log lines for the build (instbank
-    reports progress itself), then restore the caller's settings: both are process-global."""
+def _build_data_context(ray) -> Iterator[None]:
+    """Ray Data settings for the build, restored afterwards (the DataContext is process-global):
+
+    - progress bars and per-execution log lines off: instbank reports progress itself;
+    - no per-operator resource reservation: it exists so that the operators of a pipeline cannot
+      starve each other, but our dataset has a single map operator, and the reservation held it to
+      half the CPUs at first (one task at a time on 2 CPUs, measured).
+    """
     ctx = ray.data.DataContext.get_current()
-    settings = {"enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False}
+    settings = {"enable_progress_bars": False, "print_on_execution_start": False, "enable_auto_log_stats": False,
+                "op_resource_reservation_enabled": False}
     saved = {k: getattr(ctx, k) for k in settings}
     logger = logging.getLogger("ray.data")
     level = logger.level
@@ -158,7 +182,7 @@ def run_ray(
     """
     if not jobs:
         return
-    with ray_session(workers, address, runtime_env) as ray, _quiet_data_context(ray):
+    with ray_session(workers, address, runtime_env) as ray, _build_data_context(ray):
         rows = shard_rows(jobs)
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block = one task = one shard
         results = dataset.map(

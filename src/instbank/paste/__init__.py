@@ -82,9 +82,9 @@ def paste(
     return composite(images, crops, plan, padding_mask=padding_mask, value_range=value_range)
 
 
-def prepare_alpha(crops: "torch.Tensor", plan: "PastePlan", out: "torch.Tensor | None" = None) -> "torch.Tensor":
-    """uint8 ``[B, K, 4, S, S]`` with the alpha the compositing uses (RGB copied; a new tensor, or
-    ``out`` when given, unless ``plan.blend == "none"``, which returns ``crops`` itself).
+def prepare_alpha(crops: "torch.Tensor", plan: "PastePlan") -> "torch.Tensor":
+    """uint8 ``[B, K, 4, S, S]`` with the alpha the compositing uses (RGB copied; a new tensor
+    unless ``plan.blend == "none"``, which returns ``crops`` itself).
 
     - ``"none"``: the stored alpha (area-resampled, so edges are a pixel soft).
     - ``"hard"``: ``255 where alpha >= 128 else 0``: pasted pixels replace the target.
@@ -96,7 +96,7 @@ def prepare_alpha(crops: "torch.Tensor", plan: "PastePlan", out: "torch.Tensor |
 
     if plan.blend == "none" or crops.numel() == 0:
         return crops
-    out = torch.empty_like(crops, memory_format=torch.contiguous_format) if out is None else out
+    out = torch.empty_like(crops, memory_format=torch.contiguous_format)
     out[:, :, :3].copy_(crops[:, :, :3])
     alpha, prepared = crops[:, :, 3], out[:, :, 3]
     if plan.blend == "hard":
@@ -116,7 +116,9 @@ def _gaussian_blur(alpha: "torch.Tensor", sigma: "torch.Tensor", radius: int) ->
     ``8 * (2 * radius + 1)`` pixels the two passes are batched matmuls with a banded (Toeplitz)
     matrix ``G``, ``G @ A @ G`` (``G`` is symmetric): measured 4.5 ms per pass for 64 crops of 128^2
     against 7-23 ms for a grouped ``conv2d`` on CPU (torch 2.13, one thread); larger crops use the
-    grouped convolution, whose cost grows with the radius instead of the size.
+    grouped convolution, whose cost grows with the radius instead of the size. ``G`` is a strided
+    view of one zero-padded row of taps (a Hankel matrix, flipped): one copy, where gathering it
+    from an index matrix cost half as much as the two matmuls (3.6 ms against 7.2 ms for 64 crops).
     """
     import torch
     import torch.nn.functional as F
@@ -131,10 +133,12 @@ def _gaussian_blur(alpha: "torch.Tensor", sigma: "torch.Tensor", radius: int) ->
     taps = taps / taps.sum(dim=1, keepdim=True)
     x = alpha.reshape(n, s, s).float()
     if s <= 8 * (2 * radius + 1):
-        idx = torch.arange(s, device=alpha.device)
-        d = idx[None, :] - idx[:, None]  # column minus row
-        band = taps[:, (d + radius).clamp(0, 2 * radius)]  # [n, S, S]
-        g = torch.where(d.abs() <= radius, band, 0.0)
+        # G[i, j] = taps[radius + j - i] (0 beyond the band) = row[s - 1 + radius + i - j] (taps are
+        # symmetric) = hankel[i, s - 1 - j] with hankel[i, m] = row[radius + i + m]
+        width = 2 * s - 1 + 2 * radius
+        row = torch.zeros((n, width), device=alpha.device, dtype=torch.float32)
+        row[:, s - 1 : s + 2 * radius] = taps
+        g = row.as_strided((n, s, s), (width, 1, 1), radius).flip(-1)
         x = torch.bmm(torch.bmm(g, x), g)
     else:
         x = x.reshape(1, n, s, s)

@@ -1,5 +1,11 @@
-"""What the labels become after a paste: shared by both compositing impls, torch, vectorised over
-the batch, no host synchronisation.
+"""What the labels become after a paste: shared by both compositing impls.
+
+Two implementations of the same rules: whole-mask torch ops, vectorised over the batch with no
+host synchronisation (``paste_instances``, ``occlude_instances``; any device), and
+``annotate_rects``, the CPU path of ``BankCopyPaste``, which works only inside the pastes'
+rectangles from ``reference.composite_rects`` and writes the output masks once (numpy; the
+formulas for validity and refit are the same functions, ``paste_validity`` and
+``occlusion_outcome``).
 
 Conventions (decided here, documented in docs/paste.md):
 
@@ -22,6 +28,7 @@ Conventions (decided here, documented in docs/paste.md):
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -134,11 +141,11 @@ def annotate_rects(
     inside their rectangles. Same results as ``paste_instances`` + ``occlude_instances``.
 
     Args:
-        masks: bool or uint8 ``[B, N+K, H, W]`` output buffer: the existing masks (0/1) in
-            ``[:, :N]``, zeros in ``[:, N:]``; the visible masks are written into the paste planes
-            and the existing masks are cut, inside the rectangles only.
+        masks: bool or uint8 ``[B, N+K, H, W]`` output buffer, filled image by image (while its
+            planes are in cache): the existing masks as 0/1 cut by the pastes, then the visible
+            masks of the pastes, zero outside their rectangles.
         groups: the overlap groups of ``composite_rects``, with their raw masks.
-        existing: the existing instances (``N``; their ``masks`` are not read).
+        existing: the existing instances (``N``; masks bool or uint8, non-zero = set).
         object_px: int64 ``[B, K]``, see ``object_pixels``.
         semantic: optional ``[B, H, W]`` map painted in place with the paste labels.
 
@@ -148,21 +155,26 @@ def annotate_rects(
     """
     n = existing.labels.shape[1]
     planes = masks.view(torch.bool).numpy()  # the buffer holds 0/1
+    given = existing.masks.numpy()
     area = np.zeros(plan.apply.shape, np.int64)
     box = np.zeros((*plan.apply.shape, 4), np.float32)
     cuts = _Cuts(planes[:, :n])
     if semantic is not None:
         painted, labels = semantic.numpy(), plan.labels.to(semantic.dtype).numpy()
-    for group in groups:
-        shown, cover, rect = group_visible(group)
-        for p, vis in zip(group, shown):
-            planes[p.b, n + p.k, p.y0 : p.y1, p.x0 : p.x1] = vis
-            area[p.b, p.k] = np.count_nonzero(vis)
-            if area[p.b, p.k]:
-                box[p.b, p.k] = _tight_box(vis, p.x0, p.y0)
-                if semantic is not None:
-                    painted[p.b, p.y0 : p.y1, p.x0 : p.x1][vis] = labels[p.b, p.k]
-        cuts.cut(group[0].b, cover, rect)
+    of_image = {bi: list(image_groups) for bi, image_groups in itertools.groupby(groups, key=lambda g: g[0].b)}
+    for bi in range(masks.shape[0]):
+        np.not_equal(given[bi], 0, out=planes[bi, :n])  # uint8: any non-zero value is set
+        planes[bi, n:] = False
+        for group in of_image.get(bi, []):
+            shown, cover, rect = group_visible(group)
+            for p, vis in zip(group, shown):
+                planes[bi, n + p.k, p.y0 : p.y1, p.x0 : p.x1] = vis
+                area[bi, p.k] = np.count_nonzero(vis)
+                if area[bi, p.k]:
+                    box[bi, p.k] = _tight_box(vis, p.x0, p.y0)
+                    if semantic is not None:
+                        painted[bi, p.y0 : p.y1, p.x0 : p.x1][vis] = labels[bi, p.k]
+            cuts.cut(bi, cover, rect)
     kept_boxes, kept_valid = occlusion_outcome(*cuts.outcome(), existing, min_visible)
     area_t = torch.from_numpy(area)
     pasted_valid = paste_validity(area_t, area_t > 0, object_px, plan, min_visible)

@@ -222,15 +222,20 @@ def draw_plan(
     inv_scale = 1.0 / scale
     flip = rand[..., 2] < flip_prob
 
-    region, region_ok = _valid_region(b, h, w, dev, padding_mask, valid_box)
-    centre = region[:, None, :2] + rand[..., 3:5] * (region[:, None, 2:] - region[:, None, :2])
+    if padding_mask is None and valid_box is None:  # the whole image: 0 + u * (size - 0), fewer ops
+        centre = rand[..., 3:5] * torch.tensor([float(w), float(h)], device=dev)
+        has_room = has_object
+    else:
+        region, region_ok = _valid_region(b, dev, padding_mask, valid_box)
+        centre = region[:, None, :2] + rand[..., 3:5] * (region[:, None, 2:] - region[:, None, :2])
+        has_room = has_object & region_ok[:, None]
     s = float(geometry.crop_size)
     obj_cx = (obj[..., 0] + obj[..., 2]) * 0.5
     obj_cx = torch.where(flip, s - obj_cx, obj_cx)
     obj_cy = (obj[..., 1] + obj[..., 3]) * 0.5
     translate = centre - torch.stack([obj_cx, obj_cy], dim=-1) * scale[..., None]
 
-    apply = (rand[..., 0] < prob) & has_object & region_ok[:, None]
+    apply = (rand[..., 0] < prob) & has_room
     if blend == "gaussian":
         sigma = sigma_range[0] + rand[..., 5] * (sigma_range[1] - sigma_range[0])
     else:
@@ -273,14 +278,12 @@ def _log_uniform(u: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     return torch.exp(lo + u * (hi - lo))
 
 
-def _valid_region(b, h, w, dev, padding_mask, valid_box) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``[B, 4]`` region for object centres and bool ``[B]`` "region not empty"."""
+def _valid_region(b, dev, padding_mask, valid_box) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[B, 4]`` region for object centres (``valid_box``, else the tight box of
+    ``~padding_mask``) and bool ``[B]`` "region not empty"."""
     if valid_box is not None:
         box = valid_box.to(dev, torch.float32).reshape(b, 4)
         return box, (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
-    if padding_mask is None:
-        box = torch.tensor([0.0, 0.0, float(w), float(h)], device=dev).expand(b, 4)
-        return box, torch.ones(b, dtype=torch.bool, device=dev)
     valid = ~padding_mask.to(dev, torch.bool)
     return tight_boxes(valid), valid.flatten(1).any(dim=1)
 
@@ -289,5 +292,5 @@ def _object_boxes_in_target(obj, translate, scale, flip, s) -> torch.Tensor:
     """Map crop-pixel object boxes ``[B, K, 4]`` to the target (mirrored in x when flipped)."""
     x0 = torch.where(flip, s - obj[..., 2], obj[..., 0])
     x1 = torch.where(flip, s - obj[..., 0], obj[..., 2])
-    box = torch.stack([x0, obj[..., 1], x1, obj[..., 3]], dim=-1)
-    return box * scale[..., None] + translate.repeat(1, 1, 2)
+    corners = torch.stack([x0, obj[..., 1], x1, obj[..., 3]], dim=-1).unflatten(-1, (2, 2))
+    return (corners * scale[..., None, None] + translate[..., None, :]).flatten(-2)

@@ -1,8 +1,9 @@
 """Triton paste kernel: composites all K bank crops into each target image in one launch.
 
 Same signature, outputs and math as the torch reference (``instbank.paste.reference``, whose module
-docstring is the specification): integer bilinear taps with 8-bit fractional weights, the mask
-threshold ``A >= 128 * 65536`` on the exact int32 alpha sum, float32 alpha blending, back to front.
+docstring is the specification): integer bilinear taps with 8-bit fractional weights (alpha taps
+outside the crop canvas read 0, RGB taps read the pixel clamped to its edge), the mask threshold
+``A >= 128 * 65536`` on the exact int32 alpha sum, float32 alpha blending, back to front.
 
 Design (one program = one ``BLOCK_H x BLOCK_W`` tile of one image, all K pastes):
 
