@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,3 +32,18 @@ def sample_coco_bank(tmp_path_factory):
     out = tmp_path_factory.mktemp("banks") / "sample-coco"
     build_bank(read_coco(SAMPLE_COCO), out, BuildConfig(size=64), workers=1)
     return open_bank(out)
+
+
+def assert_rich_png(path, size=None, min_std=20.0, min_colours=1000) -> np.ndarray:
+    """The file is a PNG (of ``size`` when given) with real content, not a blank or flat canvas
+    (plots have few colours but strong contrast: pass a lower ``min_colours``)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        if size is not None:
+            assert im.size == tuple(size)
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > min_std
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > min_colours
+    return pixels

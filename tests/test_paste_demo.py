@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SAMPLE, SAMPLE_COCO
+from conftest import SAMPLE, SAMPLE_COCO, assert_rich_png
 from instbank.cli import app
 from instbank.errors import InputError
 from instbank.paste_demo import DemoImage, coco_images, folder_images, letterbox_batch, paste_batch, render_paste_demo
 
 torch = pytest.importorskip("torch")
-
-
-def assert_rich_png(path, size=None, min_std=20.0, min_colours=1000) -> None:
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        if size is not None:
-            assert im.size == tuple(size)
-        pixels = np.asarray(im.convert("RGB"))
-    assert pixels.std() > min_std
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > min_colours
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from conftest import assert_rich_png as _assert_rich_png
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -14,15 +16,9 @@ from instbank.stats import bank_stats
 from instbank.testing import write_synthetic_bank
 
 
-def assert_rich_png(path, size=None, min_std=20.0, min_colours=50) -> None:
-    """A PNG (of ``size`` when given) with real content: plots have few colours but strong contrast."""
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        if size is not None:
-            assert im.size == tuple(size)
-        pixels = np.asarray(im.convert("RGB"))
-    assert pixels.std() > min_std
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > min_colours
+def assert_rich_png(path, size=None, min_std=20.0, min_colours=50):
+    """Plots have few colours but strong contrast."""
+    return _assert_rich_png(path, size, min_std, min_colours)
 
 
 def texts(ax) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from conftest import assert_rich_png
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,18 +22,6 @@ from instbank.preview import (
     thumbnail,
     write_preview,
 )
-
-
-def assert_rich_png(path, size=None, min_std=20.0, min_colours=1000) -> np.ndarray:
-    """The file is a PNG (of ``size`` when given) with real content, not a blank or flat canvas."""
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        if size is not None:
-            assert im.size == tuple(size)
-        pixels = np.asarray(im.convert("RGB"))
-    assert pixels.std() > min_std
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > min_colours
-    return pixels
 
 
 def test_rows_are_classes_with_crops_most_first(sample_coco_bank):

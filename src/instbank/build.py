@@ -325,7 +325,7 @@ def _init_worker(queue, fresh_interpreter: bool) -> None:
 
 
 @contextmanager
-def _opencv_single_threaded() -> Iterator[None]:
+def opencv_single_threaded() -> Iterator[None]:
     """OpenCV runs resize/cvtColor on its own pool of ``cv2.getNumThreads()`` (= cores) threads;
     next to one process per core those threads only oversubscribe the cores. Set it to one in
     this process *before* forking the workers: ``cv2.setNumThreads`` in a forked child whose parent
@@ -363,7 +363,7 @@ def run_local(jobs, config: BuildConfig, workers: int, progress: ProgressFn | No
         method = "forkserver"
     ctx = mp.get_context(method)
     q = ctx.Queue()
-    with _opencv_single_threaded(), ProcessPoolExecutor(
+    with opencv_single_threaded(), ProcessPoolExecutor(
         min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(q, method != "fork")
     ) as pool:
         futures = [pool.submit(_shard_job, (images, shard_dir, config)) for images, shard_dir in jobs]

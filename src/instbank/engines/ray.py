@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from instbank.build import BuildConfig, ProgressFn, build_shard
+from instbank.build import BuildConfig, ProgressFn, build_shard, opencv_single_threaded
 from instbank.errors import BuildError
 from instbank.types import ImageRecord
 
@@ -77,28 +77,12 @@ def build_shard_row(row: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
     same types, so the blocks share one Arrow schema.
     """
     try:
-        with _opencv_single_threaded():
+        # One CPU per task (num_cpus=1): OpenCV's own per-core pool would oversubscribe.
+        with opencv_single_threaded():
             info = build_shard(pickle.loads(row["images"]), row["shard_dir"], config)
     except Exception as e:  # noqa: BLE001 - shipped to the driver and re-raised there
         return {"shard": row["shard"], "info": "", "error": _pickle_error(e), "traceback": traceback.format_exc()}
     return {"shard": row["shard"], "info": json.dumps(info), "error": b"", "traceback": ""}
-
-
-@contextmanager
-def _opencv_single_threaded() -> Iterator[None]:
-    """A task holds one CPU (``num_cpus=1``), but OpenCV resizes on its own pool of one thread per
-    core (Ray's ``OMP_NUM_THREADS=1`` does not reach it): next to the other tasks those threads
-    only oversubscribe the cores, as in ``run_local``. The worker process is Ray's and may run other
-    code afterwards, so the setting is restored. (Safe here: Ray starts workers with exec, not as
-    forks of a process whose OpenCV pool is running.)"""
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
 
 
 def _pickle_error(e: Exception) -> bytes:
