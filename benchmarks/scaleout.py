@@ -39,22 +39,8 @@ import statistics
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO.parent / "shared" / "data" / "coco_tiny_2017" / "annotations"
-DEFAULT_COCO = [TINY / "instances_val2017.json", TINY / "instances_train2017.json"]
-SAMPLE = REPO / "data" / "sample" / "coco" / "annotations.json"
-
-
-def read_joined(paths):
-    """One Dataset with the images of every json (their class tables must be equal)."""
-    from instbank.formats.coco import read_coco
-
-    datasets = [read_coco(p) for p in paths]
-    for d in datasets[1:]:
-        if d.classes != datasets[0].classes:
-            raise SystemExit(f"{d.source}: class table differs from {datasets[0].source}; give one json")
-    images = [im for d in datasets for im in d.images]
-    return dataclasses.replace(datasets[0], images=images, source=" + ".join(str(p) for p in paths))
+# Same input as build_throughput.py (coco_tiny both splits, else the shipped sample): one reader.
+from build_throughput import read_dataset  # noqa: E402 - a sibling script on sys.path
 
 
 def timed(fn):
@@ -107,8 +93,7 @@ def main() -> None:
     from instbank.build import BuildConfig, build_bank
     from instbank.crops import decode_image
 
-    paths = args.coco or (DEFAULT_COCO if all(p.exists() for p in DEFAULT_COCO) else [SAMPLE])
-    dataset = read_joined(paths)
+    dataset = read_dataset(args.coco, None)
     dataset = dataclasses.replace(dataset, images=dataset.images * args.times)
     for im in dataset.images:  # page cache: every arm reads the same warm files
         Path(im.path).read_bytes()

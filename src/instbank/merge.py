@@ -33,12 +33,13 @@ from instbank.storage.base import (
     ShardedBank,
     ShardWriter,
     assemble_manifest,
+    load_shard_meta,
     prepare_output,
     read_json,
     shard_dir_name,
 )
 from instbank.storage.convert import chunk_length
-from instbank.types import META_DTYPE, ClassInfo
+from instbank.types import ClassInfo
 
 ProgressFn = Callable[[int], None]  # crops done since the last call
 #: Keys of shard.json that ShardWriter writes itself; any other key (num_images, skip_examples,
@@ -88,13 +89,9 @@ def _check_inputs(paths: Sequence[Path], out: Path, banks: Sequence[ShardedBank]
 
 
 def _load_shard_meta(sdir: Path, num_crops: int, num_classes: int) -> np.ndarray:
+    """The shard's crop index, whose class ids must lie in the bank's table (they index ``remap``)."""
+    meta = load_shard_meta(sdir, num_crops)
     path = sdir / "meta.npy"
-    try:
-        meta = np.load(path)
-    except (OSError, ValueError) as e:
-        raise BankError(f"{path}: cannot read crop index ({e})") from None
-    if meta.dtype != META_DTYPE or len(meta) != num_crops:
-        raise BankError(f"{path}: expected {num_crops} rows of the crop index, found {len(meta)}")
     ids = meta["class_id"]
     if len(ids) and (ids.min() < 0 or ids.max() >= num_classes):
         raise BankError(f"{path}: class ids outside the bank's class table ({num_classes} classes)")

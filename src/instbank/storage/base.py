@@ -154,6 +154,28 @@ def read_json(path: Path, what: str) -> dict:
         raise BankError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
+def load_shard_array(path: Path, what: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """``np.load`` of a shard's index file, or a one-line ``BankError`` naming it when it cannot be
+    read or has the wrong dtype/shape (a truncated or foreign file must never be used)."""
+    try:
+        array = np.load(path)
+    except (OSError, ValueError) as e:
+        raise BankError(f"{path}: cannot read {what} ({e})") from None
+    if array.dtype != dtype or array.shape != shape:
+        raise BankError(f"{path}: expected {what} of {np.dtype(dtype)} {list(shape)}, found {array.dtype} {list(array.shape)}")
+    return array
+
+
+def load_shard_meta(shard_dir: Path, num_crops: int) -> np.ndarray:
+    """META_DTYPE ``[num_crops]`` rows of ``shard_dir/meta.npy`` (checked)."""
+    return load_shard_array(Path(shard_dir) / "meta.npy", "crop index", META_DTYPE, (num_crops,))
+
+
+def load_shard_digests(shard_dir: Path, num_crops: int) -> np.ndarray:
+    """uint8 ``[num_crops, 32]`` of ``shard_dir/digests.npy`` (checked)."""
+    return load_shard_array(Path(shard_dir) / "digests.npy", "crop digests", np.dtype(np.uint8), (num_crops, DIGEST_BYTES))
+
+
 def classes_from_json(entries: Sequence[Mapping[str, Any]]) -> list[ClassInfo]:
     return [ClassInfo(int(c["id"]), int(c["source_id"]), str(c["name"])) for c in entries]
 
@@ -301,7 +323,7 @@ def assemble_manifest(
     for name in shard_names:
         sdir = bank_dir / SHARDS_DIR / name
         info = read_json(sdir / SHARD_MANIFEST, "shard manifest")
-        digests = np.load(sdir / "digests.npy")
+        digests = load_shard_digests(sdir, info["num_crops"])
         if shard_hash(digests) != info["hash"]:
             raise BankError(f"{sdir / 'digests.npy'}: does not match the hash in {SHARD_MANIFEST}")
         for cid, n in info["class_ids"]:
@@ -524,16 +546,7 @@ class ShardedBank:
     def meta_table(self) -> np.ndarray:
         """META_DTYPE ``[N]`` structured array, one row per crop (loaded once per process)."""
         if self._meta is None:
-            parts = []
-            for s in self._shards:
-                path = self.path / SHARDS_DIR / s["dir"] / "meta.npy"
-                try:
-                    part = np.load(path)
-                except (OSError, ValueError) as e:
-                    raise BankError(f"{path}: cannot read crop index ({e})") from None
-                if part.dtype != META_DTYPE or len(part) != s["num_crops"]:
-                    raise BankError(f"{path}: expected {s['num_crops']} rows of the crop index, found {len(part)}")
-                parts.append(part)
+            parts = [load_shard_meta(self.path / SHARDS_DIR / s["dir"], s["num_crops"]) for s in self._shards]
             self._meta = np.concatenate(parts) if parts else np.empty(0, META_DTYPE)
         return self._meta
 

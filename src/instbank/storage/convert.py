@@ -23,7 +23,6 @@ import numpy as np
 from instbank.errors import BankError, BuildError
 from instbank.storage import get_backend, open_bank
 from instbank.storage.base import (
-    DIGEST_BYTES,
     MANIFEST,
     SHARD_MANIFEST,
     SHARDS_DIR,
@@ -31,6 +30,8 @@ from instbank.storage.base import (
     ShardWriter,
     assemble_manifest,
     classes_from_json,
+    load_shard_digests,
+    load_shard_meta,
     content_hash,
     crop_digests,
     load_manifest,
@@ -39,7 +40,6 @@ from instbank.storage.base import (
     read_json,
     shard_hash,
 )
-from instbank.types import META_DTYPE
 
 #: Pixels held in memory at once while converting or verifying (4096 crops of 64 px, 256 of 256 px).
 CHUNK_BYTES = 64 << 20
@@ -53,13 +53,6 @@ ProgressFn = Callable[[int], None]  # crops done since the last call
 def chunk_length(crop_size: int) -> int:
     """Crops per read: at most ``CHUNK_BYTES`` of pixels and ``MAX_CHUNK`` crops."""
     return max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * crop_size * crop_size)))
-
-
-def _load_array(path: Path, what: str) -> np.ndarray:
-    try:
-        return np.load(path)
-    except (OSError, ValueError) as e:
-        raise BankError(f"{path}: cannot read {what} ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,17 +74,15 @@ def _first_mismatch(rgba: np.ndarray, meta: np.ndarray, digests: np.ndarray) -> 
 def _convert_shard(
     src: ShardedBank,
     sdir: Path,
+    n: int,
     start: int,
     writer: ShardWriter,
     check_digests: bool,
     progress: ProgressFn | None,
 ) -> np.ndarray:
-    """Copy one shard into ``writer``; returns its digests uint8 ``[n, 32]``."""
-    shard_meta = _load_array(sdir / "meta.npy", "crop index")
-    n = len(shard_meta)
-    digests = _load_array(sdir / "digests.npy", "crop digests")
-    if digests.shape != (n, DIGEST_BYTES):
-        raise BankError(f"{sdir / 'digests.npy'}: expected {n} digests, found shape {digests.shape}")
+    """Copy the ``n`` crops of one shard into ``writer``; returns its digests uint8 ``[n, 32]``."""
+    shard_meta = load_shard_meta(sdir, n)
+    digests = load_shard_digests(sdir, n)
     step = chunk_length(src.crop_size[0])
     for lo in range(0, n, step):
         hi = min(lo + step, n)
@@ -139,7 +130,7 @@ def convert_bank(
         info = read_json(sdir / SHARD_MANIFEST, "shard manifest")
         writer = ShardWriter(dst_path / SHARDS_DIR / entry["dir"], backend, crop_size, options)
         try:
-            digest_chunks.append(_convert_shard(src, sdir, start, writer, check_digests, progress))
+            digest_chunks.append(_convert_shard(src, sdir, entry["num_crops"], start, writer, check_digests, progress))
         except BaseException:
             writer.abort()
             raise
@@ -224,13 +215,8 @@ def _check_shard_files(sdir: Path, entry: dict, start: int, report: VerifyReport
         for key in ("num_crops", "hash", "payload"):
             if info.get(key) != entry.get(key):
                 report.add(f"{sdir / SHARD_MANIFEST}: '{key}' differs from the bank manifest's entry", file=sdir)
-        meta = _load_array(sdir / "meta.npy", "crop index")
-        if meta.dtype != META_DTYPE or len(meta) != n:
-            raise BankError(f"{sdir / 'meta.npy'}: expected {n} rows of the crop index, found {len(meta)}")
-        files.meta = meta
-        digests = _load_array(sdir / "digests.npy", "crop digests")
-        if digests.dtype != np.uint8 or digests.shape != (n, DIGEST_BYTES):
-            raise BankError(f"{sdir / 'digests.npy'}: expected uint8 [{n}, {DIGEST_BYTES}], found {digests.shape}")
+        files.meta = load_shard_meta(sdir, n)
+        digests = load_shard_digests(sdir, n)
         if shard_hash(digests) != entry["hash"]:
             raise BankError(f"{sdir / 'digests.npy'}: digests do not match the shard hash in {MANIFEST}")
         files.digests = digests
