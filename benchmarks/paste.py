@@ -1,7 +1,7 @@
 """Copy-paste speed: instbank against AlbumentationsX on CPU, Triton against the torch reference on GPU.
 
     .venv/bin/python benchmarks/paste.py [--size 512] [--k 8] [--crop 128] [--images 32]
-        [--cpu-batches 1 8] [--existing 4] [--threads 1] [--repeats 7] [--bank out/demo-bank]
+        [--cpu-batches 1 8] [--impls numba torch] [--existing 4] [--threads 1] [--repeats 7] [--bank out/demo-bank]
         [--gpu-batch 32] [--gpu-sizes 512 1024] [--peak-bw GB/s]
 
 (a) CPU, per image, both sides doing the whole augmentation of one training sample from the same
@@ -10,10 +10,11 @@ image holding ``--existing`` instances (masks, tight boxes, labels given), and t
 updated: image, masks, boxes and labels of the pasted and of the existing instances (cut,
 refit or dropped).
 
-- instbank: ``BankCopyPaste(impl="torch")`` on ``BankBatch``es of ``--cpu-batches`` images (the
-  crops and their geometry as ``instbank.sampling`` stages them), everything inside the call:
-  plan, alpha preparation, compositing, annotations. Object's longer side log-uniform in
-  1/8..1/4 of 512.
+- instbank: ``BankCopyPaste(impl=...)`` for each of ``--impls`` (``numba``: the compiled CPU
+  kernel, what ``auto`` picks on CPU; ``torch``: the reference, numpy on CPU) on ``BankBatch``es of
+  ``--cpu-batches`` images (the crops and their geometry as ``instbank.sampling`` stages them),
+  everything inside the call: plan, alpha preparation, compositing, annotations. Object's longer
+  side log-uniform in 1/8..1/4 of 512.
 - AlbumentationsX: ``Compose([CopyAndPaste(p=1, scale_range=(0.5, 1))], instance_binding=
   ["masks", "bboxes"])`` called once per image with the K crops as ``copy_paste_metadata`` donors
   (RGB + ``alpha >= 128`` mask): it tight-crops each donor to its mask (an object of up to S=128
@@ -21,7 +22,7 @@ refit or dropped).
   of existing instances it cuts; instbank does.)
 
 Rows: ``hard`` (alpha thresholded) and ``gaussian`` (alpha blurred, sigma 1..3) blending on both
-sides, for each instbank batch size; median over ``--repeats`` rounds of ms per image, wall clock
+sides, for each instbank impl and batch size; median over ``--repeats`` rounds of ms per image, wall clock
 and process CPU time (the latter moves less when other jobs share the machine); in each round the
 sides take turns, and the ratio is the median of the rounds' AlbumentationsX / instbank.
 ``--threads`` sets both torch's and OpenCV's thread count (DataLoader workers run torch with 1
@@ -120,11 +121,11 @@ def interleaved_ms(runs: dict, repeats: int) -> dict:
 # (a) CPU
 
 
-def instbank_cpu(images, batches, masks, boxes, labels, blend, batch):
+def instbank_cpu(images, batches, masks, boxes, labels, blend, batch, impl):
     """A function pasting every image once through ``BankCopyPaste``, by batches of ``batch``
     (``batches``: one ``BankBatch`` per batch)."""
     module = BankCopyPaste(
-        CopyPasteConfig(scale_range=SCALE_RANGE, blend=blend, sigma_range=SIGMA_RANGE, impl="torch")
+        CopyPasteConfig(scale_range=SCALE_RANGE, blend=blend, sigma_range=SIGMA_RANGE, impl=impl)
     )
     generator = torch.Generator().manual_seed(0)
 
@@ -188,22 +189,23 @@ def cpu_section(args, bank, source: str) -> None:
           f"{args.existing} existing instances (masks, boxes, labels); {source}")
     print(f"    torch {torch.__version__} ({torch.get_num_threads()} thread), albumentationsx {A.__version__}, "
           f"opencv {cv2.__version__} ({args.threads} thread)")
-    header = f"{'blend':9s} {'B':>2s} {'clock':5s} {'instbank ms/img':>16s} {'AlbumentationsX ms/img':>23s}"
+    header = f"{'blend':9s} {'impl':6s} {'B':>2s} {'clock':5s} {'instbank ms/img':>16s} {'AlbumentationsX ms/img':>23s}"
     print(f"    {header} {'ratio':>7s}")
     donors = np.asarray(bank.get_many(indices.reshape(-1))).reshape(n, k, 4, s, s)
     for blend in ("hard", "gaussian"):
         runs = {"albumentationsx": albumentations_cpu(images_np, donors, masks_np, boxes_np, blend, k)}
         for batch in args.cpu_batches:
             batches = [bank_batch(bank, indices[lo : lo + batch]) for lo in range(0, n, batch)]
-            runs[batch] = instbank_cpu(images, batches, masks, boxes, labels, blend, batch)
+            for impl in args.impls:
+                runs[impl, batch] = instbank_cpu(images, batches, masks, boxes, labels, blend, batch, impl)
         times = interleaved_ms(runs, args.repeats)
         theirs = times.pop("albumentationsx")
-        for batch, ours in times.items():
+        for (impl, batch), ours in times.items():
             for c, clock in enumerate(("wall", "cpu")):
                 a = statistics.median(t[c] for t in ours) / n
                 b = statistics.median(t[c] for t in theirs) / n
                 ratio = statistics.median(their[c] / our[c] for their, our in zip(theirs, ours))
-                print(f"    {blend:9s} {batch:2d} {clock:5s} {a:16.2f} {b:23.2f} {ratio:6.1f}x")
+                print(f"    {blend:9s} {impl:6s} {batch:2d} {clock:5s} {a:16.2f} {b:23.2f} {ratio:6.1f}x")
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +269,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128, help="synthetic crop size (a bank sets its own)")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--impls", nargs="+", default=["numba", "torch"], choices=["numba", "torch"])
     parser.add_argument("--existing", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)

@@ -7,7 +7,6 @@ instance or counted in ``skipped``, and so is every non-blank YOLO label line.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 

@@ -187,7 +187,7 @@ BAD_LINES = {
     "inf coordinate": "0 0.1 0.1 inf 0.1 0.5 0.8",
     "non-integer class": f"1.5 {TRIANGLE}",
     "nan class": f"nan {TRIANGLE}",
-    "undecodable bytes": f"0 0.1 0.1 0.9 0.1 0.5 \udcff",
+    "undecodable bytes": "0 0.1 0.1 0.9 0.1 0.5 \udcff",
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, fields
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from instbank.paste import reference, triton_kernel  # noqa: E402
 from instbank.paste.plan import CropGeometry, draw_plan  # noqa: E402
+from paste_cases import CASES, make_case, make_plan, random_crops, random_images, random_plan  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not isinstance(triton_kernel._paste_kernel, InterpretedFunction):
@@ -38,56 +38,6 @@ if DEVICE == "cpu" and not isinstance(triton_kernel._paste_kernel, InterpretedFu
 
 FLOAT_TOL = 1 / 255 + 1e-5  # the spec's agreement for float images
 FLOAT32_TOL = 1e-5  # float32 out: only the summation order differs (a few float32 ulps of 1.0)
-
-
-@dataclass(frozen=True)
-class SpecPlan:
-    """The five ``PastePlan`` fields both impls read (the spec's plan); the rest of ``PastePlan``
-    is about what happens around the compositing."""
-
-    apply: torch.Tensor
-    scale: torch.Tensor
-    inv_scale: torch.Tensor
-    translate: torch.Tensor
-    flip: torch.Tensor
-
-    def to(self, device) -> SpecPlan:
-        return SpecPlan(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-
-def make_plan(apply, scale, translate, flip) -> SpecPlan:
-    """``inv_scale = 1 / scale`` computed once in torch, as ``draw_plan`` does."""
-    return SpecPlan(apply, scale, 1.0 / scale, translate, flip)
-
-
-def random_crops(g: torch.Generator, b: int, k: int, s: int) -> torch.Tensor:
-    """uint8 ``[B, K, 4, S, S]``: random RGB; alpha a third 0, a third 255, a third any value (so
-    bilinear sums land on both sides of the 128 threshold often)."""
-    crops = torch.randint(0, 256, (b, k, 4, s, s), dtype=torch.uint8, generator=g)
-    pick = torch.rand((b, k, s, s), generator=g)
-    alpha = crops[:, :, 3]
-    crops[:, :, 3] = torch.where(pick < 1 / 3, 0, torch.where(pick < 2 / 3, 255, alpha))
-    return crops
-
-
-def random_plan(g, b, k, s, h, w, *, scale_range=(0.4, 2.5), apply_prob=0.8, flip_prob=0.5, spill=0.5):
-    """Log-uniform scales; canvas centres uniform over the image grown by ``spill`` canvas sides on
-    each border (so with ``spill > 0.5`` some canvases miss the image entirely)."""
-    lo, hi = torch.log(torch.tensor(scale_range))
-    scale = torch.exp(lo + torch.rand((b, k), generator=g) * (hi - lo))
-    side = (scale * s)[..., None]
-    span = torch.tensor([w, h], dtype=torch.float32) + 2 * spill * side
-    translate = torch.rand((b, k, 2), generator=g) * span - side * (1 + spill) + side * 0.5
-    apply = torch.rand((b, k), generator=g) < apply_prob
-    flip = torch.rand((b, k), generator=g) < flip_prob
-    return make_plan(apply, scale, translate, flip)
-
-
-def random_images(g, b, h, w, dtype, value_range=None) -> torch.Tensor:
-    if dtype == torch.uint8:
-        return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=g)
-    top = 1.0 if value_range is None else value_range
-    return (torch.rand((b, 3, h, w), generator=g) * top).to(dtype)
 
 
 def assert_agree(images, crops, plan, padding_mask=None, value_range=None):
@@ -116,49 +66,10 @@ def assert_agree(images, crops, plan, padding_mask=None, value_range=None):
     return out, masks
 
 
-CASES = {
-    # name: (B, K, S, H, W, dtype, extra options)
-    "one-paste": (1, 1, 17, 37, 53, torch.uint8, {}),
-    "b3-k5": (3, 5, 17, 37, 53, torch.uint8, {}),
-    "channels-last": (2, 3, 17, 37, 53, torch.uint8, {"channels_last": True}),
-    "float32": (2, 4, 17, 37, 53, torch.float32, {}),
-    "float32-channels-last-range2": (2, 3, 17, 37, 53, torch.float32, {"channels_last": True, "value_range": 2.0}),
-    "float16": (1, 4, 17, 37, 53, torch.float16, {}),
-    "bfloat16": (1, 4, 17, 37, 53, torch.bfloat16, {}),
-    "padding": (2, 4, 17, 37, 53, torch.uint8, {"padding": True}),
-    "all-flipped": (2, 3, 17, 37, 53, torch.uint8, {"plan": {"flip_prob": 1.0}}),
-    "none-applied": (2, 3, 17, 37, 53, torch.uint8, {"plan": {"apply_prob": 0.0}}),
-    "shrink": (2, 4, 17, 37, 53, torch.uint8, {"plan": {"scale_range": (0.25, 0.9)}}),
-    "enlarge": (2, 3, 17, 37, 53, torch.uint8, {"plan": {"scale_range": (1.5, 3.5)}}),
-    "mostly-outside": (2, 5, 17, 37, 53, torch.uint8, {"plan": {"spill": 1.2}}),
-    "wide-many-tiles": (2, 5, 9, 40, 150, torch.uint8, {"plan": {"scale_range": (0.8, 1.5)}}),
-    "strided-views": (2, 3, 17, 37, 53, torch.uint8, {"views": True}),
-}
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_agrees_with_reference(name):
-    b, k, s, h, w, dtype, opts = CASES[name]
-    g = torch.Generator().manual_seed(sum(map(ord, name)))
-    images = random_images(g, b, h, w, dtype, opts.get("value_range"))
-    crops = random_crops(g, b, k, s)
-    plan = random_plan(g, b, k, s, h, w, **opts.get("plan", {}))
-    padding = None
-    if opts.get("padding"):
-        # Large-scale-jitter style padding (right and bottom bands) plus scattered pixels.
-        padding = torch.rand((b, h, w), generator=g) < 0.1
-        padding[:, :, w - 11 :] = True
-        padding[:, h - 7 :, :] = True
-    if opts.get("channels_last"):
-        images = images.contiguous(memory_format=torch.channels_last)
-    if opts.get("views"):
-        # Crops as the first 4 planes of a packed [B, K, 5, S, S] tensor; images cut from wider ones.
-        packed = torch.zeros((b, k, 5, s, s), dtype=torch.uint8)
-        packed[:, :, :4] = crops
-        crops = packed[:, :, :4]
-        images = torch.cat([images, images], dim=3)[:, :, :, 3 : 3 + w]
-        assert not crops.is_contiguous() and not images.is_contiguous()
-    out, masks = assert_agree(images, crops, plan, padding, opts.get("value_range"))
+    images, crops, plan, padding, value_range = make_case(name)
+    out, masks = assert_agree(images, crops, plan, padding, value_range)
     if padding is not None:
         assert not masks[padding.to(DEVICE)[:, None].expand_as(masks)].any()
     if not plan.apply.any():

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from instbank.paste import IMPLS, paste, prepare_alpha, resolve_impl
+from instbank.paste import IMPLS, impl_module, paste, prepare_alpha, resolve_impl
 from instbank.paste.annotations import (
     Instances,
     annotate_rects,
@@ -43,7 +43,8 @@ class CopyPasteConfig:
     - ``blend``: ``"gaussian"`` (alpha blurred with sigma uniform in ``sigma_range`` crop pixels),
       ``"hard"`` (alpha thresholded to 0/255) or ``"none"`` (stored alpha)
     - ``min_visible``: instances (existing and pasted) with a smaller visible fraction are invalid
-    - ``impl``: ``"auto"`` (Triton on CUDA when installed), ``"triton"`` or ``"torch"``
+    - ``impl``: ``"auto"`` (Triton on CUDA, numba on CPU, each when installed), ``"triton"``,
+      ``"numba"`` or ``"torch"`` (the reference); see ``instbank.paste``
     - ``value_range``: ``None`` -> 255 for uint8 images, 1.0 for float images
     """
 
@@ -152,7 +153,7 @@ class BankCopyPaste(nn.Module):
       uint8), ``paste_boxes``, ``paste_labels``, ``paste_valid``
     - ``plan``: the ``PastePlan`` used (replay it with ``instbank.paste.paste``)
 
-    On CPU (``impl`` resolving to ``"torch"``, bool or uint8 masks) the annotations are computed
+    On CPU (``impl`` resolving to ``"numba"`` or ``"torch"``, bool or uint8 masks) the annotations are computed
     inside each paste's rectangle and written once into the output (``annotate_rects``);
     elsewhere by whole-mask torch ops without host synchronisation. Both give the same results.
     """
@@ -184,9 +185,11 @@ class BankCopyPaste(nn.Module):
         staged = self.source.sample((h, w), generator, padding_mask, batch_size=b, device=images.device)
         existing = _existing_instances(masks, boxes, labels, valid, b, h, w, images.device)
         on_cpu = all(t is None or t.device.type == "cpu" for t in (images, existing.masks, semantic, padding_mask))
-        rects = on_cpu and existing.masks.dtype in (torch.bool, torch.uint8)
-        if rects and resolve_impl(self.config.impl, images) == "torch":
-            out, merged, pasted, painted = self._paste_in_rects(images, staged, existing, padding_mask, semantic)
+        impl = resolve_impl(self.config.impl, images)
+        rects = on_cpu and existing.masks.dtype in (torch.bool, torch.uint8) and impl in ("numba", "torch")
+        if rects:
+            blend = impl_module(impl).blend_rect
+            out, merged, pasted, painted = self._paste_in_rects(images, staged, existing, padding_mask, semantic, blend)
         else:
             out, merged, pasted, painted = self._paste_whole(images, staged, existing, padding_mask, semantic)
         result = {
@@ -217,8 +220,9 @@ class BankCopyPaste(nn.Module):
         painted = None if semantic is None else paint_semantic(semantic, visible, staged.plan.labels)
         return out, merged, pasted, painted
 
-    def _paste_in_rects(self, images, staged: StagedPaste, existing: Instances, padding_mask, semantic):
-        """CPU: composite and annotate inside each paste's rectangle, writing every output once."""
+    def _paste_in_rects(self, images, staged: StagedPaste, existing: Instances, padding_mask, semantic, blend):
+        """CPU: composite (per paste, ``blend``: a ``blend_rect``) and annotate inside each paste's
+        rectangle, writing every output once."""
         cfg = self.config
         plan, crops = staged
         b, _, h, w = images.shape
@@ -227,7 +231,7 @@ class BankCopyPaste(nn.Module):
         check_inputs(images, prepared, plan, padding_mask)
         out = torch.empty_like(images)
         vrange = default_value_range(images.dtype, cfg.value_range)
-        groups = composite_rects(out, images, prepared, plan, padding_mask, vrange)
+        groups = composite_rects(out, images, prepared, plan, padding_mask, vrange, blend)
         masks = torch.empty((b, n + k, h, w), dtype=existing.masks.dtype)
         painted = None if semantic is None else semantic.clone()
         kept, pasted = annotate_rects(masks, groups, existing, plan, object_pixels(crops), cfg.min_visible, painted)

@@ -130,11 +130,17 @@ def paste_image(
     vrange = default_value_range(images.dtype, value_range)
     if images.device.type != "cpu":
         return _paste_dense(images, crops, plan, padding_mask, vrange)
+    return paste_rects(images, crops, plan, padding_mask, vrange, blend_rect)
+
+
+def paste_rects(images, crops, plan, padding_mask, vrange: float, blend) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path of ``paste_image`` (inputs checked) with the per-paste function ``blend``
+    (``blend_rect`` here, ``instbank.paste.cpu_kernel.blend_rect`` compiled)."""
     b, _, h, w = images.shape
     out = torch.empty_like(images)  # images without pastes are final: floor(x + 0.5) = x, cast(x) = x
     visible = torch.zeros((b, crops.shape[1], h, w), dtype=torch.bool)
     planes = visible.numpy()
-    for group in composite_rects(out, images, crops, plan, padding_mask, vrange):
+    for group in composite_rects(out, images, crops, plan, padding_mask, vrange, blend):
         for p, vis in zip(group, group_visible(group)[0]):
             planes[p.b, p.k, p.y0 : p.y1, p.x0 : p.x1] = vis
     return out, visible
@@ -194,8 +200,10 @@ def composite_rects(
     plan: PastePlan,
     padding_mask: torch.Tensor | None,
     vrange: float,
+    blend=None,
 ) -> list[list[Paste]]:
-    """Copy ``images`` into ``out`` (CPU, like ``images``) and blend every paste into it; return the
+    """Copy ``images`` into ``out`` (CPU, like ``images``) and blend every paste into it with
+    ``blend`` (``blend_rect`` when None; see its signature); return the
     pastes, with their raw masks, as overlap groups: the pastes of one image whose rectangles
     overlap (directly or through others), back to front, groups ordered by image.
 
@@ -211,11 +219,12 @@ def composite_rects(
     rows_of = itertools.groupby(enumerate(table.tolist()), key=lambda item: item[1][0])
     by_image = {bi: list(rows) for bi, rows in rows_of}
     taps_x, taps_y = _rect_taps(plan, table, crops.shape[-1]) if by_image else ((), ())
-    src, dst = _pixels(images), _pixels(out)
+    dst = _pixels(out)
     kind = _pixel_kind(images.dtype)
     crop_px = crops.numpy()
     keep = None if padding_mask is None else ~padding_mask.to(torch.bool).numpy()
     gain = None if vrange == 255.0 else np.float32(vrange / 255.0)
+    blend = blend_rect if blend is None else blend
     groups = []
     for bi in range(images.shape[0]):
         out[bi].copy_(images[bi])  # just before its pastes read it: in cache for the tiles below
@@ -229,8 +238,7 @@ def composite_rects(
             for i in members:
                 p, (_, ki, x0, y0, x1, y1, *window) = rows[i]
                 local = (x0 - gx0, y0 - gy0, x1 - gx0, y1 - gy0)
-                taps = ([t[p] for t in taps_x], [t[p] for t in taps_y])
-                raw = _blend_rect(tile, crop_px[bi, ki], *taps, region, gain, local, window)
+                raw = blend(tile, crop_px[bi, ki], taps_x, taps_y, p, region, gain, local, tuple(window))
                 group.append(Paste(bi, ki, x0, y0, x1, y1, raw))
             for rect in [box] if len(group) == 1 else [q[2:6] for q in group]:
                 _store_rect(dst[bi], tile, rect, box, kind, vrange)
@@ -402,18 +410,20 @@ def _rect_taps(plan: PastePlan, table: np.ndarray, s: int) -> tuple:
     return taps_x, taps_y
 
 
-def _blend_rect(tile, crop, taps_x, taps_y, keep, gain, rect, window) -> np.ndarray:
-    """Blend one crop (uint8 ``[4, S, S]``) into ``tile`` (float32 ``[3, h, w]``) over ``rect`` (in
-    tile coordinates); returns its raw mask there (``keep``: bool ``[h, w]``, False = padding, or
-    None).
+def blend_rect(tile, crop, taps_x, taps_y, p, keep, gain, rect, window) -> np.ndarray:
+    """Blend paste ``p``'s crop (uint8 ``[4, S, S]``) into ``tile`` (float32 ``[3, h, w]``) over
+    ``rect`` ``(x0, y0, x1, y1)`` (tile coordinates), reading the crop ``window`` ``(cx0, cy0, cx1,
+    cy1)``; return its raw mask there (bool ``[y1 - y0, x1 - x0]``). ``taps_x``, ``taps_y``: every
+    paste's taps from ``_rect_taps``; ``keep``: bool ``[h, w]`` over the tile, False = padding, or
+    None; ``gain``: float32 ``value_range / 255``, or None for 1.
 
     Along y: two row gathers of the crop window, weighted in uint16 (at most ``255 * 256``); along
     x: two column gathers, weighted in float32 (integers at most ``255 * 65536 < 2**24``: exact).
     """
     x0, y0, x1, y1 = rect
     cx0, cy0, cx1, cy1 = window
-    ya, yb, wya, wyb = taps_y
-    xa, xb, wxa, wxb = taps_x
+    ya, yb, wya, wyb = (t[p] for t in taps_y)
+    xa, xb, wxa, wxb = (t[p] for t in taps_x)
     h, w = y1 - y0, x1 - x0
     win = crop[:, cy0:cy1, cx0:cx1]
     rows = win[:, ya[:h], :] * wya[:, :h]

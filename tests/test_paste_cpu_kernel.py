@@ -1,0 +1,142 @@
+"""The numba CPU kernel gives the reference's results bit for bit: images (every dtype) and visible
+masks equal, on odd shapes, memory formats, plans and paddings; through ``paste`` and through
+``BankCopyPaste``, whose CPU path it drives."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="numba is not installed (pip install 'instbank[numba]')")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from instbank.paste import BankCopyPaste, cpu_kernel, paste, reference, resolve_impl  # noqa: E402
+from instbank.paste.plan import CropGeometry, draw_plan  # noqa: E402
+from instbank.paste.reference import ALPHA_MAX  # noqa: E402
+from paste_cases import CASES, make_case, make_plan, random_crops, random_images, random_plan  # noqa: E402
+
+
+def assert_same(images, crops, plan, padding_mask=None, value_range=None):
+    """Both impls on the same inputs: outputs equal to the bit, inputs untouched."""
+    before = images.clone()
+    out, masks = cpu_kernel.paste_image(images, crops, plan, padding_mask, value_range)
+    assert torch.equal(images, before)
+    ref_out, ref_masks = reference.paste_image(images, crops, plan, padding_mask, value_range)
+    assert out.dtype == ref_out.dtype and out.stride() == ref_out.stride()
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[out.element_size()]
+    assert torch.equal(out.view(bits), ref_out.view(bits))  # floats: the same bits, not just equal
+    assert torch.equal(masks, ref_masks)
+    return out, masks
+
+
+def test_alpha_division_by_multiplication_is_exact():
+    """The kernel computes ``A / (255 * 65536)`` as ``float32(float64(A) * (1 / (255 * 65536)))``:
+    equal to numpy's float32 division for every alpha sum ``A`` the spec can produce."""
+    step = 1 << 22
+    for lo in range(0, ALPHA_MAX + 1, step):
+        a = np.arange(lo, min(lo + step, ALPHA_MAX + 1), dtype=np.float64)
+        divided = a.astype(np.float32) / np.float32(ALPHA_MAX)
+        multiplied = (a * cpu_kernel.INV_ALPHA_MAX).astype(np.float32)
+        assert np.array_equal(divided.view(np.uint32), multiplied.view(np.uint32)), lo
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    images, crops, plan, padding, value_range = make_case(name)
+    out, masks = assert_same(images, crops, plan, padding, value_range)
+    if name == "b3-k5":  # the plan really pastes and occludes: the comparison is not vacuous
+        assert masks.any(dim=(2, 3)).sum() >= 8
+        assert (out != images).float().mean() > 0.05
+
+
+@pytest.mark.parametrize(("b", "k"), [(0, 3), (2, 0), (0, 0)])
+def test_empty_batch_or_no_pastes(b, k):
+    images = torch.randint(0, 256, (b, 3, 9, 11), dtype=torch.uint8)
+    plan = random_plan(torch.Generator().manual_seed(0), b, k, 5, 9, 11)
+    out, masks = assert_same(images, torch.zeros((b, k, 4, 5, 5), dtype=torch.uint8), plan)
+    assert torch.equal(out, images) and masks.shape == (b, k, 9, 11)
+
+
+def test_identity_paste_copies_the_crop():
+    """Scale 1 at an integer corner: the crop comes back exactly, alpha 128 inside the mask."""
+    s = 6
+    crops = torch.randint(0, 256, (1, 1, 4, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    crops[:, :, 3] = 255
+    crops[:, :, 3, 0] = 128
+    one = torch.ones((1, 1))
+    plan = make_plan(one.bool(), one, torch.tensor([[[5.0, 7.0]]]), torch.zeros((1, 1), dtype=torch.bool))
+    out, masks = assert_same(torch.zeros((1, 3, 19, 23), dtype=torch.uint8), crops, plan)
+    assert torch.equal(out[0, :, 8:13, 5:11], crops[0, 0, :3, 1:])
+    assert masks.sum().item() == s * s
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    b=st.integers(1, 2),
+    k=st.integers(1, 5),
+    s=st.integers(1, 20),
+    h=st.integers(1, 45),
+    w=st.integers(1, 70),
+    dtype=st.sampled_from([torch.uint8, torch.float32, torch.float16, torch.bfloat16]),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference_on_random_inputs(b, k, s, h, w, dtype, padded, seed):
+    g = torch.Generator().manual_seed(seed)
+    plan = random_plan(g, b, k, s, h, w, scale_range=(0.3, 4.0))
+    padding = torch.rand((b, h, w), generator=g) < 0.2 if padded else None
+    assert_same(random_images(g, b, h, w, dtype), random_crops(g, b, k, s), plan, padding)
+
+
+def test_auto_picks_numba_on_cpu_and_paste_matches_the_reference():
+    g = torch.Generator().manual_seed(5)
+    images, crops = random_images(g, 3, 37, 53, torch.uint8), random_crops(g, 3, 5, 17)
+    geometry = CropGeometry.from_alpha(crops[:, :, 3], torch.zeros((3, 5), dtype=torch.int64))
+    plan = draw_plan(geometry, (37, 53), g, scale_range=(0.3, 1.0), blend="gaussian", sigma_range=(0.5, 2.0))
+    assert resolve_impl("auto", images) == "numba"
+    fast = paste(images, crops, plan, impl="auto")
+    slow = paste(images, crops, plan, impl="torch")
+    assert all(torch.equal(x, y) for x, y in zip(fast, slow))
+
+
+@pytest.mark.parametrize("blend", ["hard", "gaussian"])
+def test_bank_copy_paste_cpu_path_matches_the_reference(blend):
+    """The module's in-rectangle CPU path (composite + annotations) with either impl: same dict."""
+    g = torch.Generator().manual_seed(0)
+    crops = random_crops(g, 3, 5, 24)
+    packed = torch.cat([crops, torch.arange(15).view(3, 5, 1, 1, 1).expand(3, 5, 1, 24, 24).byte()], dim=2)
+    images = torch.randint(0, 256, (3, 3, 61, 47), dtype=torch.uint8, generator=g)
+    masks = torch.rand((3, 2, 61, 47), generator=g) < 0.3
+    labels = torch.ones((3, 2), dtype=torch.int64)
+    results = []
+    for impl in ("numba", "torch"):
+        module = BankCopyPaste(impl=impl, blend=blend, scale_range=(0.3, 0.9), min_visible=0.2)
+        module.set_bank_batch(packed)
+        results.append(module(images, masks, labels=labels, generator=torch.Generator().manual_seed(1)))
+    fast, slow = results
+    for key in ("images", "masks", "boxes", "labels", "valid", "paste_masks", "paste_boxes", "paste_valid"):
+        assert torch.equal(fast[key], slow[key]), key
+    assert fast["paste_masks"].any()
+
+
+def test_rejects_images_off_cpu():
+    images = torch.zeros((1, 3, 9, 11), dtype=torch.uint8, device="meta")
+    crops = torch.zeros((1, 1, 4, 5, 5), dtype=torch.uint8, device="meta")
+    plan = random_plan(torch.Generator().manual_seed(0), 1, 1, 5, 9, 11).to("meta")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        cpu_kernel.paste_image(images, crops, plan)
+
+
+def test_clear_import_error_without_numba():
+    """Where numba is missing, importing the kernel says what to install or use instead."""
+    code = "import sys; sys.modules['numba'] = None; import instbank.paste.cpu_kernel"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: instbank.paste.cpu_kernel needs numba") and "impl='torch'" in last
