@@ -32,7 +32,7 @@ def test_help_does_not_import_torch():
     code = ("import sys; from instbank.cli import app; from typer.testing import CliRunner; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "r = CliRunner().invoke(app, ['build', '--help']); assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in ('torch', 'triton', 'lmdb', 'webdataset', 'ray') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'triton', 'numba', 'lmdb', 'webdataset', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
