@@ -103,3 +103,25 @@ def make_case(name: str):
         images = torch.cat([images, images], dim=3)[:, :, :, 3 : 3 + w]
         assert not crops.is_contiguous() and not images.is_contiguous()
     return images, crops, plan, padding, opts.get("value_range")
+
+
+class PasteDataset(torch.utils.data.Dataset):
+    """Item ``i``: one ``BankCopyPaste(impl=...)`` call on inputs seeded by ``i`` -> ``(images,
+    paste_masks)``; module-level so that DataLoader workers started with spawn can import it."""
+
+    def __init__(self, impl: str, n: int = 2):
+        self.impl, self.n = impl, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from instbank.paste import BankCopyPaste
+
+        g = torch.Generator().manual_seed(i)
+        images, crops = random_images(g, 2, 37, 53, torch.uint8), random_crops(g, 2, 4, 17)
+        packed = torch.cat([crops, torch.zeros((2, 4, 1, 17, 17), dtype=torch.uint8)], dim=2)
+        module = BankCopyPaste(impl=self.impl, blend="gaussian", scale_range=(0.3, 1.0))
+        module.set_bank_batch(packed)
+        out = module(images, generator=torch.Generator().manual_seed(i))
+        return out["images"], out["paste_masks"]

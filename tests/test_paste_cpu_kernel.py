@@ -19,7 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 from instbank.paste import BankCopyPaste, cpu_kernel, paste, reference, resolve_impl  # noqa: E402
 from instbank.paste.plan import CropGeometry, draw_plan  # noqa: E402
 from instbank.paste.reference import ALPHA_MAX  # noqa: E402
-from paste_cases import CASES, make_case, make_plan, random_crops, random_images, random_plan  # noqa: E402
+from paste_cases import CASES, PasteDataset, make_case, make_plan, random_crops, random_images, random_plan  # noqa: E402
 
 
 def assert_same(images, crops, plan, padding_mask=None, value_range=None):
@@ -140,3 +140,16 @@ def test_clear_import_error_without_numba():
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: instbank.paste.cpu_kernel needs numba") and "impl='torch'" in last
+
+
+def test_runs_in_spawned_dataloader_workers():
+    """A worker started with spawn loads (or compiles) the kernel itself and gets the results of
+    the reference in the main process."""
+    loader = torch.utils.data.DataLoader(
+        PasteDataset("numba"), batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    )
+    expected = PasteDataset("torch")
+    for i, (images, masks) in enumerate(loader):
+        want_images, want_masks = expected[i]
+        assert torch.equal(images, want_images) and torch.equal(masks, want_masks)
+        assert masks.any()
