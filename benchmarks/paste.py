@@ -1,8 +1,8 @@
 """Copy-paste speed: instbank against AlbumentationsX on CPU, Triton against the torch reference on GPU.
 
     .venv/bin/python benchmarks/paste.py [--size 512] [--k 8] [--crop 128] [--images 32]
-        [--cpu-batches 1 8] [--impls numba torch] [--existing 4] [--threads 1] [--repeats 7] [--bank out/demo-bank]
-        [--gpu-batch 32] [--gpu-sizes 512 1024] [--peak-bw GB/s]
+        [--cpu-batches 1 8] [--impls numba torch] [--existing 4] [--threads 1] [--repeats 7]
+        [--bank out/demo-bank] [--gpu-batch 32] [--gpu-sizes 512 1024] [--peak-bw GB/s]
 
 (a) CPU, per image, both sides doing the whole augmentation of one training sample from the same
 inputs and producing the same outputs: the ``--k`` crops pasted into the ``--size``^2 uint8
@@ -22,9 +22,9 @@ refit or dropped).
   of existing instances it cuts; instbank does.)
 
 Rows: ``hard`` (alpha thresholded) and ``gaussian`` (alpha blurred, sigma 1..3) blending on both
-sides, for each instbank impl and batch size; median over ``--repeats`` rounds of ms per image, wall clock
-and process CPU time (the latter moves less when other jobs share the machine); in each round the
-sides take turns, and the ratio is the median of the rounds' AlbumentationsX / instbank.
+sides, for each instbank impl and batch size; median over ``--repeats`` rounds of ms per image,
+wall clock and process CPU time (the latter moves less when other jobs share the machine); in each
+round the sides take turns, and the ratio is the median of the rounds' AlbumentationsX / instbank.
 ``--threads`` sets both torch's and OpenCV's thread count (DataLoader workers run torch with 1
 thread). No allocator tuning (``MALLOC_*`` variables, jemalloc) on either side: page faults on
 fresh output buffers are part of what a user pays.

@@ -21,11 +21,10 @@ Per paste (``rect`` of ``h x w`` target pixels, crop window ``wh x ww``):
 
 Measured against the reference's numpy ``blend_rect`` on the 54 real crops of the sample bank,
 512^2 targets, objects of 64..128 px: 32 us against 115 us per paste (one thread; see
-docs/perf/paste.md). The first call in a process compiles (about 2 s for each combination of argument types: with or
-without padding, contiguous crops or views);
-``cache=True`` stores the machine code beside this file, or in numba's user cache directory when
-the package directory is read-only, so later processes (DataLoader workers) load it in
-milliseconds.
+docs/perf/paste.md). The first call in a process compiles (about 2 s for each combination of
+argument types: with or without padding, contiguous crops or views); ``cache=True`` stores the
+machine code beside this file, or in numba's user cache directory when the package directory is
+read-only, so later processes (DataLoader workers) load it in milliseconds.
 """
 
 from __future__ import annotations
