@@ -226,6 +226,15 @@ class PayloadWriter(Protocol):
     def abort(self) -> None: ...
 
 
+def merge_options(backend: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A payload writer's ``defaults`` updated with the user's ``options``; ``ValueError`` naming
+    the unknown keys and the valid ones (values are each backend's to check)."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {backend} backend options {unknown}; valid: {sorted(defaults)}")
+    return {**defaults, **options}
+
+
 class ShardWriter:
     """Writes one shard: backend payload + ``meta.npy`` + ``digests.npy`` + ``shard.json`` (last).
 

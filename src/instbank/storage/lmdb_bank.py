@@ -50,7 +50,7 @@ import numpy as np
 import zstandard
 
 from instbank.errors import BankError
-from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank
+from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options
 
 DATA = "data.mdb"
 CODECS = ("zstd",)
@@ -124,10 +124,7 @@ def check_codec(options: Mapping[str, Any], where: Path) -> None:
 
 
 def _writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown lmdb backend options {unknown}; valid: {sorted(DEFAULT_OPTIONS)}")
-    merged = {**DEFAULT_OPTIONS, **options}
+    merged = merge_options("lmdb", options, DEFAULT_OPTIONS)
     if merged["codec"] not in CODECS:
         raise ValueError(f"lmdb codec must be one of {CODECS}, got {merged['codec']!r}")
     if merged["filter"] not in FILTERS:

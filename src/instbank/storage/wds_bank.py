@@ -42,7 +42,7 @@ import numpy as np
 import zstandard
 
 from instbank.errors import BankError
-from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, save_npy_atomic
+from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options, save_npy_atomic
 from instbank.storage.lmdb_bank import zstd_decode_into
 from instbank.types import BankCrop, CropMeta
 
@@ -56,10 +56,7 @@ DEFAULT_OPTIONS: Mapping[str, Any] = {"codec": "zstd", "level": 3, "maxcount": 1
 
 
 def _writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown webdataset backend options {unknown}; valid: {sorted(DEFAULT_OPTIONS)}")
-    merged = {**DEFAULT_OPTIONS, **options}
+    merged = merge_options("webdataset", options, DEFAULT_OPTIONS)
     if merged["codec"] not in MEMBERS:
         raise ValueError(f"webdataset codec must be one of {sorted(MEMBERS)}, got {merged['codec']!r}")
     for name in ("maxcount", "maxsize"):
