@@ -44,7 +44,8 @@ import numpy as np
 import zstandard
 
 from instbank.storage import open_bank
-from instbank.storage.base import SHARDS_DIR, ShardWriter, assemble_manifest, crop_digests, prepare_output
+from instbank.storage.base import SHARDS_DIR, crop_digests
+from instbank.storage.writer import write_bank as write_crops
 from instbank.storage.lmdb_bank import apply_filter, undo_filter
 from instbank.testing import default_class_ids, synthetic_meta
 from instbank.types import ClassInfo
@@ -103,19 +104,13 @@ def write_bank(path: Path, crops: np.ndarray, meta, digests, backend: str, optio
     """Write ``crops`` as a 4-shard bank; returns seconds."""
     n, s = len(crops), crops.shape[-1]
     t0 = time.perf_counter()
-    prepare_output(path, overwrite=True)
     bounds = np.linspace(0, n, NUM_SHARDS + 1).astype(int)
-    names = []
-    for k in range(NUM_SHARDS):
-        name = f"{k:06d}"
-        writer = ShardWriter(path / SHARDS_DIR / name, backend, s, options)
-        for lo in range(bounds[k], bounds[k + 1], 4096):
-            hi = min(lo + 4096, bounds[k + 1])
-            writer.append(crops[lo:hi], meta[lo:hi], digests[lo:hi])
-        writer.close()
-        names.append(name)
+    shards = (
+        ((crops[lo : min(lo + 4096, hi)], meta[lo : min(lo + 4096, hi)], digests[lo : min(lo + 4096, hi)]) for lo in range(lo0, hi, 4096))
+        for lo0, hi in zip(bounds[:-1], bounds[1:])
+    )
     classes = [ClassInfo(c, c + 1, f"class{c}") for c in range(20)]
-    assemble_manifest(path, backend, s, classes, names, {"source": "benchmark"}, {})
+    write_crops(path, backend, s, classes, shards, options=options, build={"source": "benchmark"}, overwrite=True)
     return time.perf_counter() - t0
 
 

@@ -13,7 +13,8 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from conftest import SAMPLE_COCO, SAMPLE_YOLO, shared_path
-from instbank.build import BuildConfig, BuildLock, build_bank
+from instbank.build import BuildConfig, build_bank
+from instbank.storage.writer import DirectoryLock
 from instbank.crops import CropFilters
 from instbank.errors import BankError, BuildError
 from instbank.formats.coco import read_coco
@@ -164,8 +165,8 @@ def test_missing_image_is_counted_and_strict_fails_without_manifest(tmp_path):
 def test_second_build_into_same_dir_is_locked_out(tmp_path):
     ds = read_coco(SAMPLE_COCO)
     (tmp_path / "b").mkdir()
-    with BuildLock(tmp_path / "b"):
-        with pytest.raises(BuildError, match="another build"):
+    with DirectoryLock(tmp_path / "b"):
+        with pytest.raises(BuildError, match="another instbank writer"):
             build_bank(ds, tmp_path / "b", BuildConfig(size=16), workers=1)
 
 

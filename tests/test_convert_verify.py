@@ -11,7 +11,8 @@ import pytest
 from instbank.errors import BankError, BuildError
 from instbank.storage import open_bank
 from instbank.storage.base import MANIFEST
-from instbank.storage.convert import convert_bank, verify_bank
+from instbank.storage.convert import convert_bank
+from instbank.storage.verify import verify_bank
 from instbank.testing import synthetic_crops, write_synthetic_bank
 
 S = 16
@@ -53,10 +54,10 @@ def test_options_and_provenance_are_recorded(tmp_path, source):
 
 def test_progress_counts_every_crop(tmp_path, source):
     done = []
-    convert_bank(source.path, tmp_path / "dst", "webdataset", progress=done.append)
+    convert_bank(source.path, tmp_path / "dst", "webdataset", progress=lambda images, crops: done.append((images, crops)))
     checked = []
-    verify_bank(tmp_path / "dst", progress=checked.append)
-    assert sum(done) == sum(checked) == N
+    verify_bank(tmp_path / "dst", progress=lambda images, crops: checked.append((images, crops)))
+    assert np.sum(done, axis=0).tolist() == np.sum(checked, axis=0).tolist() == [0, N]
 
 
 def test_refuses_an_existing_destination_unless_overwrite(tmp_path, source):
@@ -72,7 +73,7 @@ def test_refuses_an_existing_destination_unless_overwrite(tmp_path, source):
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_refuses_to_write_over_or_inside_its_source(source, where):
     dst = source.path if where == "same" else source.path / "converted"
-    with pytest.raises(BuildError, match="must not be the source"):
+    with pytest.raises(BuildError, match="must not be the input bank"):
         convert_bank(source.path, dst, "lmdb", overwrite=True)
     assert verify_bank(source.path).ok
 

@@ -89,20 +89,20 @@ def test_callers_ray_and_settings_are_left_as_they_were_and_resume_reuses_shards
 
 
 def test_task_error_is_reraised_with_its_remote_traceback(tmp_path, ray_cluster):
-    from instbank.engines.ray import RemoteTraceback, run_ray
+    from instbank.engines.ray import RemoteTraceback, run as run_ray
 
     dataset = read_coco(SAMPLE_COCO)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")  # a shard directory cannot be created under a regular file
     jobs = [(dataset.images[:2], tmp_path / "ok" / "000000"), (dataset.images[2:4], blocker / "000001")]
-    with pytest.raises(OSError) as info:
+    with pytest.raises(BuildError, match=r"not-a-dir/000001: write failed \(Not a directory\)") as info:
         list(run_ray(jobs, BuildConfig(size=16), workers=2))
     assert isinstance(info.value.__cause__, RemoteTraceback)
-    assert "mkdir" in str(info.value.__cause__)
+    assert "in build_shard" in str(info.value.__cause__)  # where the task raised it
 
 
 def test_missing_ray_is_a_build_error(tmp_path, monkeypatch):
-    from instbank.engines.ray import run_ray
+    from instbank.engines.ray import run as run_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when Ray is not installed
     dataset = read_coco(SAMPLE_COCO)

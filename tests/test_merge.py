@@ -18,10 +18,11 @@ from conftest import SAMPLE_COCO
 from instbank.build import BuildConfig, build_bank
 from instbank.errors import BankError, BuildError
 from instbank.formats.coco import read_coco
-from instbank.merge import merge_banks, union_classes
+from instbank.storage.merge import merge_banks, union_classes
 from instbank.storage import open_bank
-from instbank.storage.base import SHARDS_DIR, ShardWriter, assemble_manifest, prepare_output, shard_dir_name
-from instbank.storage.convert import verify_bank
+from instbank.storage.base import SHARDS_DIR
+from instbank.storage.verify import verify_bank
+from instbank.storage.writer import write_bank
 from instbank.testing import synthetic_crops, synthetic_meta, write_synthetic_bank
 from instbank.types import ClassInfo
 
@@ -43,7 +44,7 @@ def halves_and_whole(tmp_path_factory):
 def test_merged_halves_equal_the_whole_build(halves_and_whole):
     root, whole = halves_and_whole
     done = []
-    merged = merge_banks([root / "part0", root / "part1"], root / "merged", progress=done.append)
+    merged = merge_banks([root / "part0", root / "part1"], root / "merged", progress=lambda images, crops: done.append(crops))
     assert merged["version"] == whole.version
     assert sum(done) == whole.num_crops
     assert len(merged["shards"]) == 2 + 3  # one output shard per input shard
@@ -64,17 +65,13 @@ def test_merge_into_another_backend_keeps_the_content_hash(halves_and_whole):
 def _bank_with_classes(path: Path, names: list[str], class_ids: list[list[int]], first: int, size: int = 8):
     """A bank whose class table is ``names`` (ids in list order); ``class_ids`` has one list of
     crop class ids per shard; crop ``k`` of the bank encodes global index ``first + k``."""
-    prepare_output(path, overwrite=True)
-    shard_names, start = [], first
-    for s, ids in enumerate(class_ids):
-        shard_names.append(shard_dir_name(s))
-        writer = ShardWriter(path / SHARDS_DIR / shard_names[-1], "memmap", size)
-        idx = np.arange(start, start + len(ids))
-        writer.append(synthetic_crops(idx, size), synthetic_meta(idx, np.array(ids, np.int64), size))
-        writer.close()
-        start += len(ids)
+    starts = np.cumsum([first, *(len(ids) for ids in class_ids)])
+    shards = (
+        [(synthetic_crops(np.arange(lo, lo + len(ids)), size), synthetic_meta(np.arange(lo, lo + len(ids)), np.array(ids, np.int64), size))]
+        for lo, ids in zip(starts, class_ids)
+    )
     classes = [ClassInfo(i, 100 + i, n) for i, n in enumerate(names)]
-    assemble_manifest(path, "memmap", size, classes, shard_names, {"source": "test"}, {})
+    write_bank(path, "memmap", size, classes, shards, build={"source": "test"}, overwrite=True)
     return open_bank(path)
 
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from instbank.storage import open_bank
-from instbank.storage.base import SHARDS_DIR, ShardWriter, assemble_manifest, prepare_output
+from instbank.storage.writer import write_bank
 from instbank.testing import decode_index, synthetic_crops, synthetic_meta, write_synthetic_bank
 from instbank.types import ClassInfo, CropMeta
 
@@ -97,17 +97,10 @@ def test_out_of_range_indices_raise_index_error(bank):
 
 
 def _write_bank(path, crops: np.ndarray, backend: str, options: dict, shard_sizes) -> None:
-    classes = [ClassInfo(0, 1, "thing")]
-    prepare_output(path, overwrite=True)
-    names, start = [], 0
-    for k, count in enumerate(shard_sizes):
-        writer = ShardWriter(path / SHARDS_DIR / f"{k:06d}", backend, crops.shape[-1], options)
-        idx = np.arange(start, start + count)
-        writer.append(crops[idx], synthetic_meta(idx, np.zeros(count, np.int64), crops.shape[-1]))
-        writer.close()
-        names.append(f"{k:06d}")
-        start += count
-    assemble_manifest(path, backend, crops.shape[-1], classes, names, {"source": "test"}, {})
+    s = crops.shape[-1]
+    bounds = np.cumsum([0, *shard_sizes])
+    shards = ([(crops[lo:hi], synthetic_meta(np.arange(lo, hi), np.zeros(hi - lo, np.int64), s))] for lo, hi in zip(bounds[:-1], bounds[1:]))
+    write_bank(path, backend, s, [ClassInfo(0, 1, "thing")], shards, options=options, build={"source": "test"}, overwrite=True)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -13,7 +13,7 @@ import pytest
 from instbank.errors import BankError
 from instbank.storage import open_bank
 from instbank.storage.base import FORMAT_VERSION, MANIFEST, SHARD_MANIFEST
-from instbank.storage.convert import verify_bank
+from instbank.storage.verify import verify_bank
 from instbank.testing import decode_index, synthetic_crops, write_synthetic_bank
 
 S = 16
@@ -255,3 +255,13 @@ def test_damaged_tar_header_is_caught_by_verify(tmp_path):
     assert decode_index(open_bank(bank.path)[BAD].rgba) == BAD  # random access does not parse headers
     (problem,) = verify_bank(bank.path).problems
     assert problem.file.name == "bank-000000.tar" and "samples readable" in problem.message
+
+
+@pytest.mark.parametrize("crop_size", [S // 2, S * 2])
+def test_memmap_payload_shape_must_match_the_manifest(tmp_path, crop_size):
+    # The manifest says one crop size, the payload was written for another: the pixels would be
+    # read as garbage of the wrong stride, so the first read refuses, naming both files.
+    bank = _bank(tmp_path, "memmap")
+    _edit_manifest(bank.path, crop_size=[crop_size, crop_size])
+    with pytest.raises(BankError, match=rf"{MANIFEST}: shard 000000 says pixels\.u8 holds \[20, 4, {S}, {S}\].*crop_size {crop_size}"):
+        open_bank(bank.path).get_many([0])

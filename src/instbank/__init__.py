@@ -4,8 +4,7 @@ Importing the package is cheap: torch, Triton, lmdb and webdataset are imported 
 """
 
 from instbank.errors import BankError, BuildError, InputError, InstbankError
-
-__version__ = "0.1.0"
+from instbank.version import __version__
 
 __all__ = ["open_bank", "InstbankError", "InputError", "BankError", "BuildError", "__version__"]
 

@@ -121,7 +121,11 @@ def build(
 
     from instbank.build import BuildConfig, build_bank
     from instbank.crops import CropFilters
+    from instbank.storage.writer import check_destination
 
+    # Before the input is read (minutes for a large json): a typo in --out, an existing bank or a
+    # running build there is reported at once. Checked again, under the lock, by the build.
+    check_destination(out, "resume" if resume else "overwrite" if overwrite else "new")
     t_read = time.perf_counter()
     if coco is not None:
         from instbank.formats.coco import read_coco
@@ -243,21 +247,23 @@ def paste_demo(
 def convert(
     src: Path = typer.Argument(..., help="Bank to read."),
     dst: Path = typer.Argument(..., help="Bank directory to write."),
-    backend: str = typer.Option(..., "--backend", help="memmap | lmdb | webdataset"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset (default: the source's)."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec, e.g. zstd, raw, png."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O", help="Backend writer option KEY=VALUE."),
+    shard_crops: Optional[int] = typer.Option(None, "--shard-crops", min=1, help="Re-shard: crops per output shard (default: as the source)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at DST."),
 ) -> None:
-    """Write a bank again with another backend (streaming; the content hash is kept)."""
+    """Write a bank again: another backend or codec, or other shards (streaming; the content hash is kept)."""
     from instbank.progress import count_progress
     from instbank.storage import BACKENDS, load_manifest
     from instbank.storage.convert import convert_bank
 
-    _check_backend(backend, BACKENDS)
+    if backend is not None:
+        _check_backend(backend, BACKENDS)
     total = load_manifest(src)["num_crops"]
     with count_progress(total, "converting") as progress:
         manifest = convert_bank(src, dst, backend, _backend_options(codec, backend_option), overwrite=overwrite,
-                                progress=progress)
+                                shard_crops=shard_crops, progress=progress)
     _err(f"wrote {dst}: {manifest['num_crops']} crops, version {manifest['version']}")
 
 
@@ -265,7 +271,7 @@ def convert(
 def verify(bank: Path = typer.Argument(..., help="Bank directory.")) -> None:
     """Recompute every crop digest and the content hash; exit 1 naming the crop/shard at fault."""
     from instbank.progress import count_progress
-    from instbank.storage.convert import verify_bank
+    from instbank.storage.verify import verify_bank
 
     try:
         from instbank.storage import load_manifest
@@ -285,10 +291,11 @@ def merge(
     banks: list[Path] = typer.Argument(..., help="Banks to concatenate, in order."),
     out: Path = typer.Option(..., "--out", help="Bank directory to write."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Backend of the result (default: the first bank's)."),
+    shard_crops: Optional[int] = typer.Option(None, "--shard-crops", min=1, help="Crops per output shard (default: one per input shard)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
 ) -> None:
     """Concatenate banks with the same crop size (class tables unioned by name)."""
-    from instbank.merge import merge_banks
+    from instbank.storage.merge import merge_banks
     from instbank.progress import count_progress
     from instbank.storage import BACKENDS, load_manifest
 
@@ -296,7 +303,7 @@ def merge(
         _check_backend(backend, BACKENDS)
     total = sum(load_manifest(b)["num_crops"] for b in banks)
     with count_progress(total, "merging") as progress:
-        manifest = merge_banks(banks, out, backend=backend, overwrite=overwrite, progress=progress)
+        manifest = merge_banks(banks, out, backend=backend, overwrite=overwrite, shard_crops=shard_crops, progress=progress)
     _err(f"wrote {out}: {manifest['num_crops']} crops, {manifest['num_classes']} classes, version {manifest['version']}")
 
 

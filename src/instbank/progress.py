@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
+
+from instbank.types import ProgressFn
 
 #: Plain-mode line interval in seconds: often enough to see a build move, rare enough for logs.
 PLAIN_EVERY_S = 5.0
 
 
 @contextmanager
-def build_progress(total_images: int, stream=None) -> Iterator[Callable[[int, int], None]]:
+def build_progress(total_images: int, stream=None) -> Iterator[ProgressFn]:
     """Yield ``update(images, crops)`` (increments) that drives a progress display on stderr."""
     stream = stream or sys.stderr
     if stream.isatty():
@@ -69,8 +71,8 @@ def _plain_progress(total: int, stream):
 
 
 @contextmanager
-def count_progress(total: int, what: str, stream=None) -> Iterator[Callable[[int], None]]:
-    """Yield ``update(n)`` for a job over ``total`` items (convert, verify, merge)."""
+def count_progress(total: int, what: str, stream=None) -> Iterator[ProgressFn]:
+    """Yield ``update(images, crops)`` for a job over ``total`` crops (convert, verify, merge)."""
     stream = stream or sys.stderr
     if stream.isatty():
         from rich.console import Console
@@ -80,12 +82,12 @@ def count_progress(total: int, what: str, stream=None) -> Iterator[Callable[[int
                             TimeRemainingColumn(), console=Console(file=stream))
         task = progress.add_task(what, total=total)
         with progress:
-            yield lambda n: progress.advance(task, n)
+            yield lambda images, crops: progress.advance(task, crops)
         return
     state = {"done": 0, "last": time.perf_counter()}
 
-    def update(n: int) -> None:
-        state["done"] += n
+    def update(images: int, crops: int) -> None:
+        state["done"] += crops
         if time.perf_counter() - state["last"] >= PLAIN_EVERY_S:
             state["last"] = time.perf_counter()
             stream.write(f"{what}: {state['done']}/{total} crops\n")

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from instbank.storage.base import SHARDS_DIR, ShardWriter, assemble_manifest, prepare_output, shard_dir_name
+from instbank.storage.writer import write_bank
 from instbank.types import META_DTYPE, ClassInfo
 
 
@@ -86,17 +86,13 @@ def write_synthetic_bank(
         raise ValueError(f"shard sizes {shard_sizes} do not add up to {n}")
     cids = default_class_ids(n, num_classes) if class_ids is None else np.asarray(class_ids, np.int64)
     classes = [ClassInfo(c, c + 1, f"class{c}") for c in range(num_classes)]
-    prepare_output(path, overwrite=True)
-    names, start = [], 0
-    for s, count in enumerate(shard_sizes):
-        name = shard_dir_name(s)
-        writer = ShardWriter(path / SHARDS_DIR / name, backend, size, options)
-        for lo in range(start, start + count, chunk):
-            idx = np.arange(lo, min(lo + chunk, start + count))
-            writer.append(synthetic_crops(idx, size), synthetic_meta(idx, cids[idx], size))
-        writer.close()
-        names.append(name)
-        start += count
-    build = {"source": "synthetic", "size": size}
-    assemble_manifest(path, backend, size, classes, names, build, {})
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)]).tolist()
+
+    def batches(lo: int, hi: int):
+        for first in range(lo, hi, chunk):
+            idx = np.arange(first, min(first + chunk, hi))
+            yield synthetic_crops(idx, size), synthetic_meta(idx, cids[idx], size)
+
+    shards = (batches(lo, hi) for lo, hi in zip(starts[:-1], starts[1:]))
+    write_bank(path, backend, size, classes, shards, options=options, build={"source": "synthetic"}, overwrite=True)
     return open_bank(path)

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+#: Progress callback of every long job (build, convert, merge, verify): ``progress(images, crops)``
+#: with the images and crops done since the last call (jobs over crops only pass ``images=0``).
+ProgressFn = Callable[[int, int], None]
 
 #: One row per crop, in every backend's index file and in ``InstanceBank.meta_table``.
 #: Little-endian and packed: a row's bytes are part of each crop's content digest, so this dtype
@@ -85,14 +89,14 @@ class ImageRecord:
 class Dataset:
     """What a reader in ``instbank.formats`` returns.
 
-    ``images`` are in a deterministic order (COCO: ascending image id; YOLO: sorted file names);
+    ``images`` are in a deterministic order (COCO: ascending image id; YOLO, SA-1B: sorted file names);
     ``classes`` are contiguous ids ``0..C-1`` in ascending ``source_id`` order; ``skipped`` counts
     instances/images dropped while reading, by reason; ``notes`` are lines for the user (e.g. which
     images directory was guessed).
     """
 
     source: str
-    kind: Literal["coco", "yolo"]
+    kind: Literal["coco", "yolo", "sa1b"]
     images: list[ImageRecord]
     classes: list[ClassInfo]
     skipped: Counter = field(default_factory=Counter)

@@ -1,9 +1,9 @@
 """The distributed build on Ray Data (``build_bank(..., engine="ray")``).
 
 Each shard of the build plan becomes one row of a Ray dataset, and one Ray task (``num_cpus=1``)
-runs :func:`instbank.build.build_shard` on it, writing the shard's files straight into the bank
-directory. The driver only collects each shard's ``shard.json`` content; the manifest is assembled
-by ``build_bank`` afterwards, exactly as with the local engine, so the bank (and its ``version``)
+runs :func:`instbank.engines.shard.build_shard` on it, writing the shard's files straight into the bank
+directory. The driver only collects each shard's result (its ``shard.json`` content and crop digests); the
+manifest is assembled from them by ``build_bank`` afterwards, exactly as with the local engine, so the bank (and its ``version``)
 is the same whatever engine, worker count or task order produced it.
 
 What a task receives: the shard's ``ImageRecord``s pickled (paths, ids, polygons/RLE), not the
@@ -32,9 +32,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from instbank.build import BuildConfig, ProgressFn, build_shard, opencv_single_threaded
+import numpy as np
+
+from instbank.engines.shard import BuildConfig, build_shard, opencv_single_threaded
 from instbank.errors import BuildError
-from instbank.types import ImageRecord
+from instbank.storage.base import DIGEST_BYTES
+from instbank.storage.writer import ShardResult
+from instbank.types import ImageRecord, ProgressFn
 
 RAY_MISSING = "engine 'ray' needs Ray Data, which is not installed: pip install 'instbank[ray]'"
 
@@ -69,7 +73,8 @@ def shard_rows(jobs: Sequence[tuple[Sequence[ImageRecord], Path]]) -> list[dict[
 
 
 def build_shard_row(row: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
-    """The Ray Data map function: build one shard; returns ``{"shard", "info", "error", "traceback"}``.
+    """The Ray Data map function: build one shard; returns ``{"shard", "dir", "info", "digests",
+    "error", "traceback"}`` (``info`` as JSON text, ``digests`` as bytes).
 
     Errors are returned as data (the pickled exception) rather than raised: Ray Data wraps a raised
     exception in ``RayTaskError(UserCodeException)`` and drops the original, and the driver should
@@ -79,10 +84,12 @@ def build_shard_row(row: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
     try:
         # One CPU per task (num_cpus=1): OpenCV's own per-core pool would oversubscribe.
         with opencv_single_threaded():
-            info = build_shard(pickle.loads(row["images"]), row["shard_dir"], config)
+            result = build_shard(pickle.loads(row["images"]), row["shard_dir"], config)
     except Exception as e:  # noqa: BLE001 - shipped to the driver and re-raised there
-        return {"shard": row["shard"], "info": "", "error": _pickle_error(e), "traceback": traceback.format_exc()}
-    return {"shard": row["shard"], "info": json.dumps(info), "error": b"", "traceback": ""}
+        return {"shard": row["shard"], "dir": "", "info": "", "digests": b"", "error": _pickle_error(e),
+                "traceback": traceback.format_exc()}
+    return {"shard": row["shard"], "dir": result.dir, "info": json.dumps(result.info), "digests": result.digests.tobytes(),
+            "error": b"", "traceback": ""}
 
 
 def _pickle_error(e: Exception) -> bytes:
@@ -146,19 +153,19 @@ def _build_data_context(ray) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def run_ray(
+def run(
     jobs: Sequence[tuple[Sequence[ImageRecord], Path]],
     config: BuildConfig,
     workers: int,
     progress: ProgressFn | None = None,
     address: str | None = None,
     runtime_env: dict | None = None,
-) -> Iterator[dict]:
-    """Run shard jobs as Ray Data tasks, at most ``workers`` at a time; yield shard infos in order.
+) -> Iterator[ShardResult]:
+    """Run shard jobs as Ray Data tasks, at most ``workers`` at a time; yield shard results in order.
 
     ``jobs``: ``(images, shard_dir)`` pairs as built by ``build_bank``. ``address``: join that Ray
     cluster (``"auto"``, ``"ray://head:10001"``); ``runtime_env``: passed to ``ray.init`` (e.g.
-    ``{"pip": ["instbank"]}`` when the cluster's nodes do not have instbank installed). Each info is
+    ``{"pip": ["instbank"]}`` when the cluster's nodes do not have instbank installed). Each result is
     yielded as soon as it and every shard before it are done. ``progress(images, crops)`` is called
     once per finished shard, in completion order (tasks cannot call back into the driver).
     A task's exception is re-raised here as it was raised there (``BuildError`` for disk full,
@@ -178,8 +185,8 @@ def run_ray(
         yield from _in_shard_order(results.iter_rows(), len(rows), progress, Path(jobs[0][1]).parent.parent)
 
 
-def _in_shard_order(rows, count: int, progress: ProgressFn | None, bank_dir: Path) -> Iterator[dict]:
-    done: dict[int, dict] = {}
+def _in_shard_order(rows, count: int, progress: ProgressFn | None, bank_dir: Path) -> Iterator[ShardResult]:
+    done: dict[int, ShardResult] = {}
     next_shard = 0
     for row in rows:
         if row["error"]:
@@ -187,7 +194,8 @@ def _in_shard_order(rows, count: int, progress: ProgressFn | None, bank_dir: Pat
         info = json.loads(row["info"])
         if progress:
             progress(info["num_images"], info["num_crops"])
-        done[row["shard"]] = info
+        digests = np.frombuffer(row["digests"], np.uint8).reshape(-1, DIGEST_BYTES)
+        done[row["shard"]] = ShardResult(row["dir"], info, digests)
         while next_shard in done:
             yield done.pop(next_shard)
             next_shard += 1

@@ -4,7 +4,8 @@ Layout of a bank directory (every backend)::
 
     BANK/
       manifest.json            written LAST, atomically; a directory without it is not a bank
-      .lock                    held (fcntl) by a build writing into BANK; absent or unlocked after
+      build.json               a build's plan (shard ranges, config, input fingerprint), for --resume
+      .lock                    flock'ed by the one writer of BANK (build, convert, merge); unlocked after
       shards/
         000000/                one build shard = a contiguous chunk of images
           meta.npy             META_DTYPE [n]        geometry + class id per crop (types.META_DTYPE)
@@ -42,21 +43,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from instbank.errors import BankError, BuildError
+from instbank.errors import BankError
+from instbank.storage.registry import get_backend
 from instbank.types import META_DTYPE, BankCrop, ClassInfo, CropMeta
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_MANIFEST = "shard.json"
 SHARDS_DIR = "shards"
+#: The build's plan (shard ranges, config), written first so that a resumed build cuts the same shards.
+PLAN_FILE = "build.json"
+LOCK_FILE = ".lock"
 DIGEST_BYTES = 32
 
 
@@ -203,6 +205,12 @@ def load_manifest(bank_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def open_bank(path: str | os.PathLike) -> ShardedBank:
+    """Open a finished bank of any backend (dispatch on ``manifest["backend"]``)."""
+    manifest = load_manifest(path)
+    return get_backend(manifest["backend"]).Reader(path, manifest)
+
+
 # --------------------------------------------------------------------------------------------
 # writing
 
@@ -210,11 +218,13 @@ def load_manifest(bank_dir: str | os.PathLike) -> dict:
 class PayloadWriter(Protocol):
     """What a backend implements to write its pixels for one shard.
 
-    ``__init__(shard_dir: Path, crop_size: int, options: Mapping)``; ``append`` receives crops in
-    global order (``first_index`` is the shard-local index of ``rgba[0]``); ``close`` finishes the
-    files and returns the JSON-able payload description stored in ``shard.json["payload"]``;
-    ``abort`` closes without finishing. ``backend_options`` (class attribute or property) is
-    recorded in the bank manifest (e.g. the codec).
+    A backend module provides ``writer_options(options) -> dict`` (its defaults merged with the
+    user's options, every value checked; ``ValueError`` saying what is wrong) and
+    ``Writer(shard_dir: Path, crop_size: int, options: Mapping)``, given those options. ``append``
+    receives crops in global order (``first_index`` is the shard-local index of ``rgba[0]``);
+    ``close`` finishes the files and returns the JSON-able payload description stored in
+    ``shard.json["payload"]``; ``abort`` closes without finishing. ``backend_options`` (class
+    attribute or property) is recorded in the bank manifest (e.g. the codec).
     """
 
     backend_options: Mapping[str, Any]
@@ -233,160 +243,6 @@ def merge_options(backend: str, options: Mapping[str, Any], defaults: Mapping[st
     if unknown:
         raise ValueError(f"unknown {backend} backend options {unknown}; valid: {sorted(defaults)}")
     return {**defaults, **options}
-
-
-class ShardWriter:
-    """Writes one shard: backend payload + ``meta.npy`` + ``digests.npy`` + ``shard.json`` (last).
-
-    Memory is bounded by one shard's meta and digests (~100 bytes per crop), never its pixels.
-    """
-
-    def __init__(self, shard_dir: Path, backend: str, crop_size: int, options: Mapping[str, Any] | None = None):
-        from instbank.storage import get_backend
-
-        self.shard_dir = Path(shard_dir)
-        if self.shard_dir.exists():
-            shutil.rmtree(self.shard_dir)  # an unfinished shard from an earlier run: redo it
-        self.shard_dir.mkdir(parents=True)
-        self.crop_size = crop_size
-        try:
-            self.payload: PayloadWriter = get_backend(backend).Writer(self.shard_dir, crop_size, dict(options or {}))
-        except ValueError as e:  # bad options given by the user (-O KEY=VALUE): name them, no traceback
-            raise BuildError(f"{backend} backend: {e}") from None
-        self._meta: list[np.ndarray] = []
-        self._digests: list[np.ndarray] = []
-        self._count = 0
-
-    def append(self, rgba: np.ndarray, meta: np.ndarray, digests: np.ndarray | None = None) -> None:
-        """Append crops uint8 ``[n, 4, S, S]`` with META_DTYPE ``[n]`` rows (digests computed if None)."""
-        if len(rgba) == 0:
-            return
-        s = self.crop_size
-        if rgba.dtype != np.uint8 or rgba.shape[1:] != (4, s, s):
-            raise ValueError(f"expected uint8 [n,4,{s},{s}] crops, got {rgba.dtype} {rgba.shape}")
-        meta = np.ascontiguousarray(meta, META_DTYPE)
-        if digests is None:
-            digests = crop_digests(rgba, meta)
-        self.payload.append(rgba, meta, self._count)
-        self._meta.append(meta)
-        self._digests.append(digests)
-        self._count += len(rgba)
-
-    def close(self, skipped: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
-        """Finish the shard; returns its ``shard.json`` content."""
-        payload = self.payload.close()
-        meta = np.concatenate(self._meta) if self._meta else np.empty(0, META_DTYPE)
-        digests = np.concatenate(self._digests) if self._digests else np.empty((0, DIGEST_BYTES), np.uint8)
-        save_npy_atomic(self.shard_dir / "meta.npy", meta)
-        save_npy_atomic(self.shard_dir / "digests.npy", digests)
-        info = {
-            "num_crops": int(len(meta)),
-            "hash": shard_hash(digests),
-            "class_ids": sorted(Counter(meta["class_id"].tolist()).items()),
-            "skipped": dict(skipped or {}),
-            "payload": payload,
-            "backend_options": dict(self.payload.backend_options),
-            **dict(extra or {}),
-        }
-        write_json_atomic(self.shard_dir / SHARD_MANIFEST, info)
-        return info
-
-    def abort(self) -> None:
-        self.payload.abort()
-
-
-def shard_dir_name(index: int) -> str:
-    return f"{index:06d}"
-
-
-def read_shard_info(shard_dir: Path) -> dict | None:
-    """``shard.json`` of a finished shard whose digests still match its recorded hash, else None."""
-    path = Path(shard_dir) / SHARD_MANIFEST
-    if not path.exists():
-        return None
-    try:
-        info = json.loads(path.read_text())
-        digests = np.load(Path(shard_dir) / "digests.npy")
-    except (OSError, ValueError):
-        return None
-    if shard_hash(digests) != info.get("hash") or len(digests) != info.get("num_crops"):
-        return None
-    return info
-
-
-def assemble_manifest(
-    bank_dir: Path,
-    backend: str,
-    crop_size: int,
-    classes: Sequence[ClassInfo],
-    shard_names: Sequence[str],
-    build: Mapping[str, Any],
-    skipped: Mapping[str, int],
-) -> dict:
-    """Build the bank manifest from finished shards (prefix sums give the global index) and write
-    it last. Nothing is copied: the shards stay where they were written."""
-    shards = []
-    freqs = np.zeros(len(classes), np.int64)
-    digest_chunks = []
-    options: dict[str, Any] = {}
-    for name in shard_names:
-        sdir = bank_dir / SHARDS_DIR / name
-        info = read_json(sdir / SHARD_MANIFEST, "shard manifest")
-        digests = load_shard_digests(sdir, info["num_crops"])
-        if shard_hash(digests) != info["hash"]:
-            raise BankError(f"{sdir / 'digests.npy'}: does not match the hash in {SHARD_MANIFEST}")
-        for cid, n in info["class_ids"]:
-            if not 0 <= cid < len(classes):
-                raise BankError(f"{sdir}: class id {cid} outside the class table ({len(classes)} classes)")
-            freqs[cid] += n
-        digest_chunks.append(digests)
-        options = info.get("backend_options", options)
-        shards.append({"dir": name, "num_crops": info["num_crops"], "hash": info["hash"], "payload": info["payload"]})
-    chash = content_hash(crop_size, classes, digest_chunks)
-    from instbank import __version__
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "backend": backend,
-        "crop_size": [crop_size, crop_size],
-        "num_crops": int(sum(s["num_crops"] for s in shards)),
-        "num_classes": len(classes),
-        "classes": [c.to_json() for c in classes],
-        "class_frequencies": freqs.tolist(),
-        "content_hash": chash,
-        "version": make_version(backend, chash),
-        "shards": shards,
-        "backend_options": options,
-        "build": dict(build),
-        "skipped": dict(sorted(skipped.items())),
-        "has_embeddings": False,
-        "instbank_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json_atomic(bank_dir / MANIFEST, manifest, durable=True)
-    return manifest
-
-
-def prepare_output(bank_dir: Path, overwrite: bool, resume: bool = False) -> None:
-    """Create ``bank_dir`` for a new build. An existing bank is refused unless ``overwrite``; an
-    unfinished one (no manifest) is cleared unless ``resume``. Raises ``BuildError``."""
-    bank_dir = Path(bank_dir)
-    if (bank_dir / MANIFEST).exists() and not overwrite:
-        raise BuildError(f"{bank_dir}: a bank already exists here (use --overwrite to replace it)")
-    if bank_dir.exists() and not bank_dir.is_dir():
-        raise BuildError(f"{bank_dir}: exists and is not a directory")
-    if bank_dir.exists() and (overwrite or not resume):
-        for child in (bank_dir / MANIFEST, bank_dir / SHARDS_DIR):
-            if child.is_dir():
-                shutil.rmtree(child)
-            elif child.exists():
-                child.unlink()
-    try:
-        (bank_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BuildError(f"{bank_dir}: cannot create the output directory ({e.strerror})") from None
-    if not os.access(bank_dir, os.W_OK):
-        raise BuildError(f"{bank_dir}: output directory is not writable")
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import zstandard
 
 from instbank.errors import BankError
 from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options
+from instbank.storage.codec import frame_compressor, zstd_decode_into
 
 DATA = "data.mdb"
 CODECS = ("zstd",)
@@ -62,36 +62,7 @@ INITIAL_MAP_SIZE = 64 << 20
 
 
 # --------------------------------------------------------------------------------------------
-# codec (shared with the webdataset backend's zstd members)
-
-_local = threading.local()
-
-
-def thread_decompressor() -> zstandard.ZstdDecompressor:
-    """One reused decompressor per thread (a ZstdDecompressor must not be used concurrently)."""
-    d = getattr(_local, "decompressor", None)
-    if d is None:
-        d = _local.decompressor = zstandard.ZstdDecompressor()
-    return d
-
-
-def zstd_decode_into(frame, dest: np.ndarray) -> None:
-    """Decompress one zstd ``frame`` (any buffer) straight into ``dest`` (C-contiguous uint8).
-
-    The frame must declare exactly ``dest.nbytes`` as its content size; its checksum is checked by
-    zstd. Raises ``ValueError`` saying what is wrong (callers add the file and key: building that
-    string for every crop would cost more than a small crop's decode).
-    """
-    try:
-        size = zstandard.frame_content_size(frame)
-        if size != dest.nbytes:
-            raise ValueError(f"decompresses to {size} bytes, expected {dest.nbytes}")
-        with thread_decompressor().stream_reader(frame) as reader:
-            got = reader.readinto(dest)
-    except zstandard.ZstdError as e:
-        raise ValueError(f"is not a valid zstd frame ({e})") from None
-    if got != dest.nbytes:
-        raise ValueError(f"decompressed to {got} bytes, expected {dest.nbytes}")
+# filters
 
 
 def apply_filter(rgba: np.ndarray, name: str) -> np.ndarray:
@@ -123,7 +94,7 @@ def check_codec(options: Mapping[str, Any], where: Path) -> None:
         raise BankError(f"{where}: unknown LMDB filter {filt!r} (this instbank reads {', '.join(FILTERS)})")
 
 
-def _writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
     merged = merge_options("lmdb", options, DEFAULT_OPTIONS)
     if merged["codec"] not in CODECS:
         raise ValueError(f"lmdb codec must be one of {CODECS}, got {merged['codec']!r}")
@@ -150,13 +121,11 @@ class Writer:
     def __init__(self, shard_dir: Path, crop_size: int, options: Mapping[str, Any]):
         import lmdb
 
-        self.options = _writer_options(options)
+        self.options = writer_options(options)
         self.backend_options = dict(self.options)
         self.path = Path(shard_dir) / DATA
         self.crop_size = crop_size
-        self._compressor = zstandard.ZstdCompressor(
-            level=self.options["level"], write_checksum=True, write_content_size=True
-        )
+        self._compressor = frame_compressor(self.options["level"])
         # sync off while appending, one fsync in close(): a crashed shard is redone anyway.
         self._env = lmdb.open(
             str(self.path), subdir=False, lock=False, map_size=INITIAL_MAP_SIZE, sync=False, metasync=False,

@@ -21,9 +21,18 @@ from typing import Any, Mapping
 import numpy as np
 
 from instbank.errors import BankError
-from instbank.storage.base import ShardedBank
+from instbank.storage.base import MANIFEST, ShardedBank, merge_options
 
 PIXELS = "pixels.u8"
+CODECS = ("raw",)
+
+
+def writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The only option is ``codec``, and its only value ``raw``: the pixels are mapped as stored."""
+    merged = merge_options("memmap", options, {"codec": "raw"})
+    if merged["codec"] not in CODECS:
+        raise ValueError(f"memmap codec must be one of {CODECS} (crops are mapped as stored), got {merged['codec']!r}")
+    return merged
 
 
 class Writer:
@@ -32,8 +41,7 @@ class Writer:
     backend_options: Mapping[str, Any] = {"codec": "raw"}
 
     def __init__(self, shard_dir: Path, crop_size: int, options: Mapping[str, Any]):
-        if options:
-            raise ValueError(f"memmap backend takes no options, got {sorted(options)}")
+        writer_options(options)
         self.path = Path(shard_dir) / PIXELS
         self.crop_size = crop_size
         self._f = open(self.path, "wb")
@@ -59,7 +67,13 @@ class Reader(ShardedBank):
 
     def _open_payload(self, shard_dir: Path, shard: dict) -> np.ndarray:
         path = shard_dir / shard["payload"]["file"]
-        shape = tuple(shard["payload"]["shape"])
+        s = self.crop_size[0]
+        shape = (shard["num_crops"], 4, s, s)
+        if shard["payload"].get("shape") != list(shape):
+            raise BankError(
+                f"{self.path / MANIFEST}: shard {shard['dir']} says {path.name} holds {shard['payload'].get('shape')}, "
+                f"but the manifest has {shard['num_crops']} crops of 4x{s}x{s} there (crop_size {s})"
+            )
         expected = int(np.prod(shape))
         try:
             size = path.stat().st_size

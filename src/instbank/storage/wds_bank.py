@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import zstandard
 
 from instbank.errors import BankError
 from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options, save_npy_atomic
-from instbank.storage.lmdb_bank import zstd_decode_into
+from instbank.storage.codec import frame_compressor, zstd_decode_into
 from instbank.types import BankCrop, CropMeta
 
 TAR_PATTERN = "bank-%06d.tar"
@@ -55,7 +54,7 @@ MEMBERS = {"zstd": "rgba.zst", "raw": "rgba", "png": "png"}
 DEFAULT_OPTIONS: Mapping[str, Any] = {"codec": "zstd", "level": 3, "maxcount": 100_000, "maxsize": 1_000_000_000}
 
 
-def _writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
     merged = merge_options("webdataset", options, DEFAULT_OPTIONS)
     if merged["codec"] not in MEMBERS:
         raise ValueError(f"webdataset codec must be one of {sorted(MEMBERS)}, got {merged['codec']!r}")
@@ -138,16 +137,14 @@ class Writer:
     def __init__(self, shard_dir: Path, crop_size: int, options: Mapping[str, Any]):
         import webdataset as wds
 
-        self.options = _writer_options(options)
+        self.options = writer_options(options)
         self.backend_options = dict(self.options)
         self.shard_dir = Path(shard_dir)
         self.crop_size = crop_size
         self.codec = self.options["codec"]
         self.member = MEMBERS[self.codec]
         if self.codec == "zstd":
-            self._compressor = zstandard.ZstdCompressor(
-                level=self.options["level"], write_checksum=True, write_content_size=True
-            )
+            self._compressor = frame_compressor(self.options["level"])
         self._tars: list[dict] = []
         self._index: list[np.ndarray] = []
         self._indexed = 0

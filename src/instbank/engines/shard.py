@@ -1,0 +1,126 @@
+"""One shard of a build: decode its images in order, cut their instances, write the shard.
+
+Every engine runs ``build_shard`` as it is, in this process, a pool worker or a Ray task, so the
+bank (and its ``version``) does not depend on the engine. Memory is one image and its crops, plus
+~100 bytes of index per crop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import cv2
+
+from instbank.crops import CropFilters, ImageSkip, cut_image, decode_image
+from instbank.errors import BuildError
+from instbank.storage.writer import ShardResult, ShardWriter
+from instbank.types import ImageRecord, ProgressFn
+
+#: Skip examples kept per reason in the report (enough to find the files, small enough to read).
+MAX_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides a build's output (recorded in the manifest's ``build``)."""
+
+    size: int = 128
+    backend: str = "memmap"
+    backend_options: dict = field(default_factory=dict)
+    filters: CropFilters = CropFilters()
+    exif: Literal["follow", "ignore"] = "follow"
+    shard_images: int | None = None  # images per shard; None: from the image and worker counts
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["filters"] = asdict(self.filters)
+        return out
+
+
+def build_shard(
+    images: Sequence[ImageRecord], shard_dir: str | os.PathLike, config: BuildConfig, progress: ProgressFn | None = None
+) -> ShardResult:
+    """Decode ``images`` in order, cut their instances, write one shard; returns its result.
+
+    Unusable images and instances are counted by reason in ``shard.json["skipped"]`` with up to
+    ``MAX_EXAMPLES`` examples each; write faults raise a one-line ``BuildError``."""
+    skip_examples: dict[str, list[str]] = {}
+    rotated = size_mismatch = 0
+    try:
+        with ShardWriter(Path(shard_dir), config.backend, config.size, config.backend_options) as writer:
+            for record in images:
+                try:
+                    image, orientation = decode_image(record.path, config.exif)
+                except ImageSkip as skip:
+                    writer.skipped[skip.reason] += 1
+                    _example(skip_examples, skip.reason, str(skip))
+                    if progress:
+                        progress(1, 0)
+                    continue
+                rotated += orientation != 1
+                if record.width and (record.width, record.height) != (image.shape[1], image.shape[0]):
+                    # The file wins (it is what gets cut); the annotations may be off, so say so.
+                    size_mismatch += 1
+                    _example(skip_examples, "size_mismatch", f"{record.path}: file is {image.shape[1]}x{image.shape[0]}, "
+                             f"annotations say {record.width}x{record.height}")
+                pixels, meta, instance_skips = cut_image(image, record, config.size, config.filters)
+                writer.append(pixels, meta)
+                writer.skipped.update(instance_skips)
+                for reason in instance_skips:
+                    _example(skip_examples, reason, f"{record.path} (image id {record.image_id})")
+                if progress:
+                    progress(1, len(pixels))
+            writer.extra.update(num_images=len(images), skip_examples=skip_examples, exif_rotated=rotated,
+                                size_mismatch=size_mismatch)
+    except OSError as e:
+        raise write_error(e, shard_dir) from None
+    return writer.result
+
+
+def _example(examples: dict[str, list[str]], reason: str, text: str) -> None:
+    items = examples.setdefault(reason, [])
+    if len(items) < MAX_EXAMPLES:
+        items.append(text)
+
+
+def write_error(e: OSError, where: str | os.PathLike) -> BuildError:
+    """A write fault as the one line the user needs: disk full, not writable, or what failed."""
+    name = e.filename or where
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # EFBIG: a file size limit (ulimit -f)
+        return BuildError(f"{name}: disk full while writing the bank (no manifest written; free space and rerun with --resume)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BuildError(f"{name}: output is not writable ({e.strerror})")
+    return BuildError(f"{name}: write failed ({e.strerror})")
+
+
+def count_skips(results: Sequence[ShardResult]) -> tuple[Counter, dict[str, list[str]]]:
+    """Skip counts and examples (up to ``MAX_EXAMPLES`` per reason) over the shards, in order."""
+    skipped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    for result in results:
+        skipped.update(result.info["skipped"])
+        for reason, items in result.info.get("skip_examples", {}).items():
+            for item in items:
+                _example(examples, reason, item)
+    return skipped, examples
+
+
+@contextmanager
+def opencv_single_threaded() -> Iterator[None]:
+    """OpenCV runs resize/cvtColor on its own pool of ``cv2.getNumThreads()`` (= cores) threads;
+    next to one process per core those threads only oversubscribe the cores. Set it to one in
+    this process *before* forking the workers: ``cv2.setNumThreads`` in a forked child whose parent
+    had started the pool deadlocks (the child waits on pool threads it does not have).
+    Restored afterwards."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)

@@ -1,0 +1,154 @@
+"""The one streaming copy of crops from banks into a ``BankWriter``: ``convert`` (another backend),
+``merge`` (several banks, class ids remapped) and re-sharding (``shard_crops``) are all this copy.
+
+Crops are read in chunks of at most ``CHUNK_BYTES`` of pixels, so memory never holds a shard.
+Output shards are numbered ``000000, 000001, ...``; with ``shard_crops=None`` each input shard
+becomes one output shard and keeps what its ``shard.json`` says about its source images
+(``num_images``, skip counts and examples); with ``shard_crops=N`` the crops are cut into shards of
+``N`` (the last one shorter), and per-shard image notes are dropped (the bank manifest keeps the
+totals).
+
+Digests: copied as they are when the class ids do not change (the crops and their meta rows are
+the same bytes); recomputed from the pixels when a remap changes a class id (it is part of each
+crop's digest). ``check_digests`` also recomputes each input crop's digest and stops at the first
+that differs from its ``digests.npy`` (``BankError``): a corrupt input is never copied into a bank
+whose hashes would then vouch for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from instbank.errors import BankError
+from instbank.storage.base import SHARD_MANIFEST, ShardedBank, crop_digests, load_shard_digests, load_shard_meta, read_json
+from instbank.storage.writer import BankWriter, ShardResult, shard_dir_name
+from instbank.types import ProgressFn
+
+#: Pixels held in memory at once while copying or verifying (4096 crops of 64 px, 256 of 256 px).
+CHUNK_BYTES = 64 << 20
+MAX_CHUNK = 4096
+#: Keys of shard.json that ShardWriter writes itself; any other key describes the shard's source
+#: images (num_images, skip_examples, exif_rotated, ...) and is copied as it is.
+SHARD_KEYS = frozenset({"num_crops", "hash", "class_ids", "skipped", "payload", "backend_options"})
+
+
+def chunk_length(crop_size: int) -> int:
+    """Crops per read: at most ``CHUNK_BYTES`` of pixels and ``MAX_CHUNK`` crops."""
+    return max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * crop_size * crop_size)))
+
+
+class Piece(NamedTuple):
+    """Consecutive crops on their way: uint8 ``[n, 4, S, S]``, META_DTYPE ``[n]``, uint8 ``[n, 32]``."""
+
+    rgba: np.ndarray
+    meta: np.ndarray
+    digests: np.ndarray
+
+    def split(self, n: int) -> tuple[Piece, Piece]:
+        return Piece(*(a[:n] for a in self)), Piece(*(a[n:] for a in self))
+
+
+class CopySource(NamedTuple):
+    """One input bank and, for merge, its class remap int64 ``[C_in]`` (old id -> new id)."""
+
+    bank: ShardedBank
+    remap: np.ndarray | None = None
+
+
+def copy_banks(
+    writer: BankWriter,
+    sources: Sequence[CopySource],
+    *,
+    shard_crops: int | None = None,
+    check_digests: bool = False,
+    progress: ProgressFn | None = None,
+) -> list[ShardResult]:
+    """Copy every crop of ``sources``, in order, into ``writer``'s bank; returns the output shards'
+    results in order (``writer.commit`` makes them a bank). See the module docstring."""
+    if shard_crops is not None and shard_crops < 1:
+        raise ValueError(f"shard_crops must be a positive number of crops, got {shard_crops}")
+    groups = _input_shards(sources, check_digests, progress)
+    if shard_crops is not None:
+        groups = _regroup((piece for pieces, _ in groups for piece in pieces), shard_crops)
+    results = []
+    for pieces, info in groups:
+        with writer.shard(shard_dir_name(len(results))) as shard:
+            for piece in pieces:
+                shard.append(*piece)
+            shard.skipped.update(info.get("skipped", {}))
+            shard.extra.update({k: v for k, v in info.items() if k not in SHARD_KEYS})
+        results.append(shard.result)
+    return results
+
+
+def _input_shards(sources, check_digests: bool, progress) -> Iterator[tuple[Iterator[Piece], dict]]:
+    """Per input shard: its pieces (lazily) and its ``shard.json``."""
+    for source in sources:
+        bank, remap = source
+        changes_ids = remap is not None and not np.array_equal(remap, np.arange(len(remap)))
+        for sdir, entry, start in bank.iter_shards():
+            info = read_json(sdir / SHARD_MANIFEST, "shard manifest")
+            yield _pieces(bank, sdir, entry["num_crops"], start, remap if changes_ids else None, check_digests, progress), info
+
+
+def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_digests: bool, progress) -> Iterator[Piece]:
+    meta = load_shard_meta(sdir, n)
+    digests = load_shard_digests(sdir, n)
+    if remap is not None:
+        ids = meta["class_id"]
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(remap)):
+            raise BankError(f"{sdir / 'meta.npy'}: class ids outside the bank's class table ({len(remap)} classes)")
+    step = chunk_length(bank.crop_size[0])
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        rgba = bank.get_many(np.arange(start + lo, start + hi))
+        rows, sums = meta[lo:hi], digests[lo:hi]
+        if check_digests:
+            bad = np.flatnonzero((crop_digests(rgba, rows) != sums).any(axis=1))
+            if len(bad):
+                raise BankError(
+                    f"{sdir}: crop {start + lo + int(bad[0])} does not match its digest in digests.npy "
+                    "(corrupt input; run instbank verify)"
+                )
+        if remap is not None:
+            rows = rows.copy()
+            rows["class_id"] = remap[rows["class_id"]]
+            sums = crop_digests(rgba, rows)
+        yield Piece(rgba, rows, sums)
+        if progress is not None:
+            progress(0, hi - lo)
+
+
+def _regroup(pieces: Iterator[Piece], size: int) -> Iterator[tuple[Iterator[Piece], dict]]:
+    """The same crops cut into groups of ``size`` (one per output shard), still streamed."""
+    pieces = iter(pieces)
+    pending: list[Piece] = []
+
+    def one_group() -> Iterator[Piece]:
+        room = size
+        while room and pending:
+            head, tail = pending.pop().split(room)
+            room -= len(head.rgba)
+            yield head
+            if len(tail.rgba):
+                pending.append(tail)
+            elif room:
+                pending.extend(_next(pieces))
+
+    while True:
+        if not pending:
+            pending.extend(_next(pieces))
+            if not pending:
+                return
+        yield one_group(), {}
+
+
+def _next(pieces: Iterator[Piece]) -> list[Piece]:
+    """The next non-empty piece, as a list of zero or one."""
+    for piece in pieces:
+        if len(piece.rgba):
+            return [piece]
+    return []
