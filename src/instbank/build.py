@@ -17,24 +17,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from instbank.engines import get_engine
-from instbank.engines.shard import BuildConfig, count_skips
-from instbank.errors import BuildError
+from instbank.engines.shard import POLICY_REASONS, BuildConfig, count_skips
+from instbank.errors import BuildError, BuildInterrupted
 from instbank.storage.base import PLAN_FILE, write_json_atomic
 from instbank.storage.writer import BankWriter, ShardResult, shard_dir_name
 from instbank.types import Dataset, ProgressFn
 
 __all__ = ["BuildConfig", "BuildReport", "build_bank", "default_shard_images", "shard_plan"]
-
-#: Counted in the report but nothing is dropped: the image is kept with no instances.
-KEPT_IMAGE_REASONS = frozenset({"image_without_label", "empty_label_file"})
-
 
 @dataclass
 class BuildReport:
@@ -80,18 +78,39 @@ def _read_plan(out: Path) -> dict | None:
         return None
 
 
+def _differences(old: dict, new: dict, prefix: str) -> list[str]:
+    """``"size was 128, now 64"`` for every key whose value differs (nested dicts by dotted key)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} was {a!r}, now {b!r}")
+    return out
+
+
 def _make_plan(dataset: Dataset, out: Path, config: BuildConfig, workers: int, resume: bool) -> dict:
     fingerprint = _dataset_fingerprint(dataset)
     if resume:
         old = _read_plan(out)
         if old is not None:
-            if old["config"] != config.to_json() or old["dataset"] != fingerprint:
-                raise BuildError(f"{out / PLAN_FILE}: --resume with a different input or configuration than the interrupted build")
+            changed = _differences(old.get("config", {}), config.to_json(), "") + _differences(old.get("dataset", {}), fingerprint, "input ")
+            if changed:
+                raise BuildError(f"{out / PLAN_FILE}: --resume with another input or configuration than the interrupted build: "
+                                 + "; ".join(changed) + " (rerun with the same options, or without --resume to start over)")
             return old
     shard_images = config.shard_images or default_shard_images(len(dataset.images), workers)
     plan = {"config": config.to_json(), "dataset": fingerprint, "shards": shard_plan(len(dataset.images), shard_images)}
     write_json_atomic(out / PLAN_FILE, plan)
     return plan
+
+
+def _refuse_faults(skipped: Counter, source: str) -> None:
+    faults = {k: v for k, v in skipped.items() if k not in POLICY_REASONS and v}
+    if faults:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(faults.items()))
+        raise BuildError(f"{source}: --strict and {sum(faults.values())} fault(s) in the data ({detail}); no manifest written")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +133,14 @@ def build_bank(
     """Build a bank from ``dataset`` into ``out``; see the module docstring.
 
     ``workers``: processes for the local engine (default: all cores). ``resume``: keep finished
-    shards of an interrupted build with the same plan. ``strict``: any skipped instance or image is
-    an error (``BuildError``), and no manifest is written. ``engine``: a key of
-    ``instbank.engines.ENGINES``, with its ``engine_options``.
+    shards of an interrupted build with the same plan. ``strict``: the first fault of the data (a
+    skip not in ``POLICY_REASONS``: a broken, missing or corrupt file or annotation) is an error
+    (``BuildError``) and no manifest is written; faults found while reading fail before anything is
+    written. ``engine``: a key of ``instbank.engines.ENGINES``, with its ``engine_options``.
     """
     run = get_engine(engine)  # unknown engine: ValueError before anything is written
+    if strict:
+        _refuse_faults(dataset.skipped, dataset.source)
     workers = workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     mode = "resume" if resume else "overwrite" if overwrite else "new"
@@ -131,9 +153,28 @@ def build_bank(
         if progress and reused_images:
             progress(reused_images, 0)
         jobs = [(dataset.images[ranges[i][0] : ranges[i][1]], bank.shard_dir(shard_dir_name(i))) for i in todo]
-        for i, result in zip(todo, run(jobs, config, workers, progress, **(engine_options or {}))):
-            results[i] = result
+        try:
+            with closing(run(jobs, config, workers, progress, strict=strict, **(engine_options or {}))) as shards:
+                for i, result in zip(todo, shards):
+                    results[i] = result
+        except KeyboardInterrupt as e:
+            raise _interrupted(e, bank, ranges) from None
         return _finish(dataset, bank, config, results, len(ranges) - len(todo), strict, t0, workers)
+
+
+def _interrupted(e: KeyboardInterrupt, bank: BankWriter, ranges: list) -> BuildInterrupted:
+    """How far the build got (finished shards on disk, which ``--resume`` keeps), as the
+    ``BuildInterrupted`` the CLI prints in one line."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    finished = [bank.finished(shard_dir_name(i)) for i in range(len(ranges))]
+    images = sum(hi - lo for (lo, hi), r in zip(ranges, finished) if r is not None)
+    total = sum(hi - lo for lo, hi in ranges)
+    done = [r for r in finished if r is not None]
+    return BuildInterrupted(
+        f"{bank.path}: interrupted by {signal.Signals(signum).name} with {len(done)} of {len(ranges)} shards finished "
+        f"({images} of {total} images, {sum(r.num_crops for r in done)} crops), kept on disk",
+        signum, resumable=True,
+    )
 
 
 def _finish(dataset: Dataset, bank: BankWriter, config: BuildConfig, results: list[ShardResult], reused: int,
@@ -148,11 +189,8 @@ def _finish(dataset: Dataset, bank: BankWriter, config: BuildConfig, results: li
     if size_mismatch:
         notes.append(f"{size_mismatch} image file(s) differ in size from their annotation's width/height; "
                      "the file was followed (see skip_examples['size_mismatch'])")
-    # Background images (no label file, or an empty one) are kept, not lost: not a --strict failure.
-    lost = {k: v for k, v in skipped.items() if k not in KEPT_IMAGE_REASONS}
-    if strict and lost:
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(lost.items()))
-        raise BuildError(f"{dataset.source}: --strict and {sum(lost.values())} item(s) were skipped ({detail}); no manifest written")
+    if strict:  # the shards stop at their first fault; this catches what a resumed shard recorded
+        _refuse_faults(skipped, dataset.source)
     build_info = {**config.to_json(), "source": dataset.source, "kind": dataset.kind, "workers": workers,
                   "num_images": len(dataset.images), "skip_examples": examples, "notes": dataset.notes + notes}
     manifest = bank.commit(dataset.classes, results, build_info, skipped)

@@ -7,7 +7,10 @@ code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import functools
 import json
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,11 +21,35 @@ import typer
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help: flags shown as flags, no boxes that wrap in logs
     help="Build an instance bank for copy-paste augmentation, inspect it, and feed it to training.",
     pretty_exceptions_enable=False,
 )
 
 _DEBUG = {"on": False}
+# What each backend writes, default first (instbank.storage.registry.CODECS; a literal here keeps
+# `--help` free of imports; tests/test_cli.py checks the two agree).
+_CODECS_HELP = "memmap: raw; lmdb: zstd; webdataset: zstd (default), raw, png"
+
+
+class _CommandInterrupted(Exception):
+    """A ``KeyboardInterrupt`` (SIGINT, or SIGTERM via ``Terminated``) carried out of a command:
+    typer turns one into a silent exit code 130, and the user must be told how far it got."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+def _interruptible(command):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _CommandInterrupted(e) from None
+
+    return run
 
 # Options a --config YAML may set for `build` (keys as in the CLI, dashes or underscores).
 _BUILD_DEFAULTS: dict[str, Any] = {
@@ -74,6 +101,7 @@ def _load_config(path: Optional[Path]) -> dict[str, Any]:
 
 
 @app.command()
+@_interruptible
 def build(
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO instances json (polygons and RLE)."),
     yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO-seg data.yaml or a dir with images/ and labels/."),
@@ -92,7 +120,7 @@ def build(
     shard_images: Optional[int] = typer.Option(None, "--shard-images", help="Images per shard (default: auto)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="local | ray (default: local)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (engine ray)."),
-    codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec (lmdb/webdataset), e.g. zstd, raw, png."),
+    codec: Optional[str] = typer.Option(None, "--codec", help=f"Backend codec: {_CODECS_HELP}."),
     splits: Optional[str] = typer.Option(None, "--splits", help="YOLO data.yaml splits, e.g. train,val (default: all)."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O",
                                                        help="Backend writer option KEY=VALUE, e.g. level=9, filter=none, maxcount=10000."),
@@ -118,14 +146,31 @@ def build(
                           ("backend", tuple(BACKENDS))):
         if opts[name] not in allowed:
             raise InputError(f"build: --{name} must be one of {', '.join(allowed)}, got {opts[name]!r}")
+    for name in ("workers", "shard_images"):
+        if opts[name] is not None and (not isinstance(opts[name], int) or opts[name] < 1):
+            raise InputError(f"build: --{name.replace('_', '-')} must be a positive integer, got {opts[name]!r}")
 
     from instbank.build import BuildConfig, build_bank
     from instbank.crops import CropFilters
-    from instbank.storage.writer import check_destination
+    from instbank.storage.writer import check_destination, writer_options
 
-    # Before the input is read (minutes for a large json): a typo in --out, an existing bank or a
-    # running build there is reported at once. Checked again, under the lock, by the build.
+    # Everything about the output is checked before the input is read (minutes for a large json)
+    # and before anything is written: the options, the backend's codec and -O keys, and --out (a
+    # typo, an existing bank, a build running there). The build checks --out again under its lock.
+    try:
+        cfg = BuildConfig(
+            size=opts["size"],
+            backend=str(opts["backend"]),
+            backend_options=_backend_options(opts["codec"], backend_option),
+            filters=CropFilters(opts["min_area"], opts["min_side"], float(opts["max_aspect"]), bool(opts["skip_truncated"])),
+            exif=opts["exif"],
+            shard_images=opts["shard_images"],
+        )
+    except ValueError as e:
+        raise InputError(f"build: {e}") from None
+    writer_options(cfg.backend, cfg.backend_options)
     check_destination(out, "resume" if resume else "overwrite" if overwrite else "new")
+
     t_read = time.perf_counter()
     if coco is not None:
         from instbank.formats.coco import read_coco
@@ -141,14 +186,6 @@ def build(
     for note in dataset.notes:
         _err(f"note: {note}")
 
-    cfg = BuildConfig(
-        size=int(opts["size"]),
-        backend=str(opts["backend"]),
-        backend_options=_backend_options(opts["codec"], backend_option),
-        filters=CropFilters(int(opts["min_area"]), int(opts["min_side"]), float(opts["max_aspect"]), bool(opts["skip_truncated"])),
-        exif=opts["exif"],
-        shard_images=opts["shard_images"],
-    )
     engine_options = {"address": opts["ray_address"]} if opts["engine"] == "ray" and opts["ray_address"] else None
     from instbank.progress import build_progress
 
@@ -160,9 +197,9 @@ def build(
 
 
 def _print_report(report) -> None:
-    from rich.console import Console
+    from instbank.progress import console as make_console
 
-    console = Console(stderr=True, highlight=False)
+    console = make_console(stderr=True)
     console.print(f"[bold]bank[/bold] {report.out}  [bold]version[/bold] {report.version}")
     console.print(f"kept {report.num_crops} crops from {report.num_images} images in {report.num_shards} shard(s)"
                   + (f" ({report.reused_shards} reused)" if report.reused_shards else "")
@@ -177,6 +214,7 @@ def _print_report(report) -> None:
 
 
 @app.command()
+@_interruptible
 def stats(
     bank: Path = typer.Argument(..., help="Bank directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -199,6 +237,7 @@ def stats(
 
 
 @app.command()
+@_interruptible
 def preview(
     bank: Path = typer.Argument(..., help="Bank directory."),
     out: Path = typer.Option(..., "--out", help="PNG contact sheet to write."),
@@ -223,6 +262,7 @@ def preview(
 
 
 @app.command("paste-demo")
+@_interruptible
 def paste_demo(
     bank: Path = typer.Argument(..., help="Bank directory."),
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO json: its images, with their instances."),
@@ -244,11 +284,12 @@ def paste_demo(
 
 
 @app.command()
+@_interruptible
 def convert(
     src: Path = typer.Argument(..., help="Bank to read."),
     dst: Path = typer.Argument(..., help="Bank directory to write."),
     backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset (default: the source's)."),
-    codec: Optional[str] = typer.Option(None, "--codec", help="Backend codec, e.g. zstd, raw, png."),
+    codec: Optional[str] = typer.Option(None, "--codec", help=f"Backend codec: {_CODECS_HELP}."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O", help="Backend writer option KEY=VALUE."),
     shard_crops: Optional[int] = typer.Option(None, "--shard-crops", min=1, help="Re-shard: crops per output shard (default: as the source)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at DST."),
@@ -268,6 +309,7 @@ def convert(
 
 
 @app.command()
+@_interruptible
 def verify(bank: Path = typer.Argument(..., help="Bank directory.")) -> None:
     """Recompute every crop digest and the content hash; exit 1 naming the crop/shard at fault."""
     from instbank.progress import count_progress
@@ -287,6 +329,7 @@ def verify(bank: Path = typer.Argument(..., help="Bank directory.")) -> None:
 
 
 @app.command()
+@_interruptible
 def merge(
     banks: list[Path] = typer.Argument(..., help="Banks to concatenate, in order."),
     out: Path = typer.Option(..., "--out", help="Bank directory to write."),
@@ -295,9 +338,9 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
 ) -> None:
     """Concatenate banks with the same crop size (class tables unioned by name)."""
-    from instbank.storage.merge import merge_banks
     from instbank.progress import count_progress
     from instbank.storage import BACKENDS, load_manifest
+    from instbank.storage.merge import merge_banks
 
     if backend is not None:
         _check_backend(backend, BACKENDS)
@@ -339,11 +382,15 @@ def _err(line: str) -> None:
 
 
 def main() -> None:
-    """Console entry point: one-line errors for the project's own exceptions."""
+    """Console entry point: one-line errors for the project's own exceptions; SIGINT and SIGTERM
+    end every worker and print one line (exit 130 / 143)."""
     from instbank.errors import InstbankError
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
+        if code == 130:  # typer's own answer to an interrupt outside a command body (parsing)
+            raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
     except InstbankError as e:
@@ -351,13 +398,14 @@ def main() -> None:
             raise
         typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, _CommandInterrupted) as e:
+        interrupt = e.interrupt if isinstance(e, _CommandInterrupted) else e
+        typer.echo(f"error: {_interrupted_line(interrupt)}", err=True)
+        sys.exit(128 + getattr(interrupt, "signum", signal.SIGINT))
     except Exception as e:  # usage errors and other exits
         # typer >= 0.29 vendors its own click, so match click's exception protocol, not its classes.
         if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
+            _usage_error(e)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Exit" and isinstance(getattr(e, "exit_code", None), int):
             sys.exit(e.exit_code)
@@ -365,6 +413,39 @@ def main() -> None:
             raise
         typer.echo(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+
+
+def _usage_error(e) -> None:
+    """A usage error in one line, naming the command and where its help is."""
+    if type(e).__name__ == "NoArgsIsHelpError":  # `instbank` or `instbank CMD` alone: the help itself
+        e.show()
+        return
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "instbank"
+    message = " ".join(e.format_message().split())
+    typer.echo(f"error: {where}: {message} (see {where} --help)", err=True)
+
+
+def _raise_terminated(signum, frame) -> None:
+    from instbank.errors import Terminated
+
+    raise Terminated()
+
+
+def _interrupted_line(e: KeyboardInterrupt) -> str:
+    """What an interrupted command says: how far it got and, for a build, how to continue."""
+    from instbank.errors import BuildInterrupted
+
+    if isinstance(e, BuildInterrupted):
+        return f"{e}; continue with: {_resume_command()}" if e.resumable else str(e)
+    name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+    return f"interrupted by {name} before the command finished; nothing was committed"
+
+
+def _resume_command() -> str:
+    """This command line with ``--resume`` (and without ``--overwrite``, which would start over)."""
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    return shlex.join(["instbank", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 if __name__ == "__main__":  # pragma: no cover

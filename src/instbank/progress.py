@@ -1,4 +1,5 @@
-"""Build progress: a rich progress bar on a terminal, plain lines otherwise (CI logs, pipes)."""
+"""Terminal output: progress (a rich bar on a terminal, plain lines otherwise: CI logs, pipes) and
+consoles that never wrap a line that is not going to a terminal."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from instbank.types import ProgressFn
 
 #: Plain-mode line interval in seconds: often enough to see a build move, rare enough for logs.
 PLAIN_EVERY_S = 5.0
+
+
+def console(stderr: bool = False):
+    """A rich ``Console`` for stdout (or stderr). On a terminal it fits the window; elsewhere (a
+    log, a pipe, a file) it neither wraps nor cuts: one line of output stays one line, whole."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=100_000)
 
 
 @contextmanager

@@ -64,31 +64,39 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _codec_words(options: dict[str, Any]) -> str:
+    """``{"codec": "zstd", "level": 3, "filter": "up-rgb"}`` -> ``codec zstd, level 3, filter up-rgb``."""
+    return ", ".join(f"{k} {v}" for k, v in options.items()) or "no codec options"
+
+
 def print_stats(s: dict[str, Any], top: int = 10) -> None:
     """Readable tables of ``bank_stats`` output on stdout."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
-    head = Table(show_header=False, box=None, pad_edge=False)
-    head.add_row("bank", s["path"])
-    head.add_row("version", f"{s['version']}  (format {s['format_version']}, {s['num_shards']} shard(s))")
-    head.add_row("crops", f"{s['num_crops']} of {s['crop_size'][0]}x{s['crop_size'][1]} from {s['num_images']} images")
-    head.add_row("classes", f"{s['num_classes']} ({s['classes_without_crops']} without crops)")
-    head.add_row("on disk", f"{_human_bytes(s['bytes_on_disk'])} (raw {_human_bytes(s['bytes_raw'])}"
-                 + (f", {s['compression']:.2f}x" if s["compression"] else "") + f", {s['backend_options'] or {}})")
+    from instbank.progress import console as make_console
+
+    console = make_console()
+    head: list[tuple[str, str]] = []
+    head.append(("bank", s["path"]))
+    head.append(("version", f"{s['version']}  (format {s['format_version']}, {s['num_shards']} shard(s))"))
+    head.append(("crops", f"{s['num_crops']} of {s['crop_size'][0]}x{s['crop_size'][1]} from {s['num_images']} images"))
+    head.append(("classes", f"{s['num_classes']} ({s['classes_without_crops']} without crops)"))
+    head.append(("on disk", f"{_human_bytes(s['bytes_on_disk'])} (raw {_human_bytes(s['bytes_raw'])}"
+                 + (f", compressed {s['compression']:.2f}x" if s["compression"] else "") + f"; {_codec_words(s['backend_options'])})"))
     b = s["area_buckets"]
-    head.add_row("object sizes", f"small {b['small']}, medium {b['medium']}, large {b['large']} (COCO area buckets); "
-                 f"truncated {100 * s['truncated_fraction']:.1f}%, upscaled {100 * s['upscaled_fraction']:.1f}%")
+    head.append(("object sizes", f"small {b['small']}, medium {b['medium']}, large {b['large']} (COCO area buckets); "
+                 f"truncated {100 * s['truncated_fraction']:.1f}%, upscaled {100 * s['upscaled_fraction']:.1f}%"))
     if s["area_quantiles"]:
-        head.add_row("area quantiles", ", ".join(f"{k} {v:.0f}" for k, v in s["area_quantiles"].items()) + " px")
+        head.append(("area quantiles", ", ".join(f"{k} {v:.0f}" for k, v in s["area_quantiles"].items()) + " px"))
     skipped = s["skipped"]
-    head.add_row("skipped", (f"{sum(skipped.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))) if skipped else "none")
+    head.append(("skipped", (f"{sum(skipped.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))) if skipped else "none"))
     build = s["build"]
-    head.add_row("build", ", ".join(f"{k}={build[k]}" for k in ("source", "kind", "size", "backend", "workers", "exif") if k in build))
+    head.append(("build", ", ".join(f"{k}={build[k]}" for k in ("source", "kind", "size", "backend", "workers", "exif") if k in build)))
     if build.get("filters"):
-        head.add_row("filters", ", ".join(f"{k}={v}" for k, v in build["filters"].items()))
-    console.print(head)
+        head.append(("filters", ", ".join(f"{k}={v}" for k, v in build["filters"].items())))
+    width = max(len(key) for key, _ in head)
+    for key, value in head:
+        console.print(f"{key:<{width}}  {value}", markup=False)
 
     freqs = np.asarray(s["class_frequencies"])
     order = np.argsort(-freqs, kind="stable")

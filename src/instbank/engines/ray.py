@@ -72,7 +72,7 @@ def shard_rows(jobs: Sequence[tuple[Sequence[ImageRecord], Path]]) -> list[dict[
     ]
 
 
-def build_shard_row(row: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
+def build_shard_row(row: dict[str, Any], config: BuildConfig, strict: bool = False) -> dict[str, Any]:
     """The Ray Data map function: build one shard; returns ``{"shard", "dir", "info", "digests",
     "error", "traceback"}`` (``info`` as JSON text, ``digests`` as bytes).
 
@@ -84,7 +84,7 @@ def build_shard_row(row: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
     try:
         # One CPU per task (num_cpus=1): OpenCV's own per-core pool would oversubscribe.
         with opencv_single_threaded():
-            result = build_shard(pickle.loads(row["images"]), row["shard_dir"], config)
+            result = build_shard(pickle.loads(row["images"]), row["shard_dir"], config, strict=strict)
     except Exception as e:  # noqa: BLE001 - shipped to the driver and re-raised there
         return {"shard": row["shard"], "dir": "", "info": "", "digests": b"", "error": _pickle_error(e),
                 "traceback": traceback.format_exc()}
@@ -158,6 +158,7 @@ def run(
     config: BuildConfig,
     workers: int,
     progress: ProgressFn | None = None,
+    strict: bool = False,
     address: str | None = None,
     runtime_env: dict | None = None,
 ) -> Iterator[ShardResult]:
@@ -178,7 +179,7 @@ def run(
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block = one task = one shard
         results = dataset.map(
             build_shard_row,
-            fn_kwargs={"config": config},
+            fn_kwargs={"config": config, "strict": strict},
             num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=max(1, min(workers, len(rows)))),
         )

@@ -17,13 +17,27 @@ from typing import Any, Iterator, Literal, Sequence
 
 import cv2
 
-from instbank.crops import CropFilters, ImageSkip, cut_image, decode_image
+from instbank.crops import (
+    ASPECT, MAX_IMAGE_PIXELS, SMALL_AREA, SMALL_SIDE, TRUNCATED, CropFilters, ImageSkip, cut_file,
+)  # fmt: skip
 from instbank.errors import BuildError
 from instbank.storage.writer import ShardResult, ShardWriter
 from instbank.types import ImageRecord, ProgressFn
 
+MIN_SIZE, MAX_SIZE = 8, 4096
 #: Skip examples kept per reason in the report (enough to find the files, small enough to read).
 MAX_EXAMPLES = 5
+#: Skips that follow the user's own choices (filters, crowd policy, a class map, background images
+#: that are kept): counted, but not faults of the data, so ``--strict`` lets them pass.
+POLICY_REASONS = frozenset({
+    "crowd", SMALL_AREA, SMALL_SIDE, ASPECT, TRUNCATED, "low_predicted_iou", "low_stability_score", "unmapped",
+    "image_without_label", "empty_label_file",
+})  # fmt: skip
+
+
+def strict_fault(reason: str, where: str) -> BuildError:
+    """The one line ``--strict`` stops with at the first fault of the data."""
+    return BuildError(f"{where}: {reason} (--strict stops at the first fault of the data; no manifest written)")
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,27 @@ class BuildConfig:
     filters: CropFilters = CropFilters()
     exif: Literal["follow", "ignore"] = "follow"
     shard_images: int | None = None  # images per shard; None: from the image and worker counts
+    #: Images with more pixels (width x height, read from the header before decoding) are skipped
+    #: ``too_large``; 0 = no limit. Default 2**29 (crops.MAX_IMAGE_PIXELS, docs/reliability.md).
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        # A crop under 8 px holds no object worth pasting; over 4096 px one crop is 64 MiB.
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise ValueError(f"size (crop side S) must be an integer in {MIN_SIZE}..{MAX_SIZE}, got {self.size!r}")
+        if self.exif not in ("follow", "ignore"):
+            raise ValueError(f"exif must be 'follow' or 'ignore', got {self.exif!r}")
+        if self.shard_images is not None and (not isinstance(self.shard_images, int) or self.shard_images < 1):
+            raise ValueError(f"shard_images must be a positive integer, got {self.shard_images!r}")
+        f = self.filters
+        for name in ("min_area", "min_side"):
+            value = getattr(f, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not f.max_aspect >= 0:  # also refuses NaN
+            raise ValueError(f"max_aspect must be >= 0 (0: no limit), got {f.max_aspect!r}")
+        if isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int) or self.max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be an integer >= 0 (0: no limit), got {self.max_image_pixels!r}")
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -44,32 +79,43 @@ class BuildConfig:
 
 
 def build_shard(
-    images: Sequence[ImageRecord], shard_dir: str | os.PathLike, config: BuildConfig, progress: ProgressFn | None = None
+    images: Sequence[ImageRecord],
+    shard_dir: str | os.PathLike,
+    config: BuildConfig,
+    progress: ProgressFn | None = None,
+    strict: bool = False,
 ) -> ShardResult:
     """Decode ``images`` in order, cut their instances, write one shard; returns its result.
 
     Unusable images and instances are counted by reason in ``shard.json["skipped"]`` with up to
-    ``MAX_EXAMPLES`` examples each; write faults raise a one-line ``BuildError``."""
+    ``MAX_EXAMPLES`` examples each; ``strict`` raises ``BuildError`` at the first that is a fault
+    (not in ``POLICY_REASONS``) instead. Write faults raise a one-line ``BuildError``."""
     skip_examples: dict[str, list[str]] = {}
-    rotated = size_mismatch = 0
+    rotated = size_mismatch = reduced = 0
     try:
         with ShardWriter(Path(shard_dir), config.backend, config.size, config.backend_options) as writer:
             for record in images:
                 try:
-                    image, orientation = decode_image(record.path, config.exif)
+                    cut = cut_file(record.path, record, config.size, config.filters, config.exif, config.max_image_pixels)
                 except ImageSkip as skip:
+                    if strict and skip.reason not in POLICY_REASONS:
+                        raise strict_fault(skip.reason, str(skip)) from None
                     writer.skipped[skip.reason] += 1
                     _example(skip_examples, skip.reason, str(skip))
                     if progress:
                         progress(1, 0)
                     continue
-                rotated += orientation != 1
-                if record.width and (record.width, record.height) != (image.shape[1], image.shape[0]):
+                rotated += cut.orientation != 1
+                reduced += cut.reduction > 1
+                if record.width and (record.width, record.height) != (cut.width, cut.height):
                     # The file wins (it is what gets cut); the annotations may be off, so say so.
                     size_mismatch += 1
-                    _example(skip_examples, "size_mismatch", f"{record.path}: file is {image.shape[1]}x{image.shape[0]}, "
+                    _example(skip_examples, "size_mismatch", f"{record.path}: file is {cut.width}x{cut.height}, "
                              f"annotations say {record.width}x{record.height}")
-                pixels, meta, instance_skips = cut_image(image, record, config.size, config.filters)
+                pixels, meta, instance_skips = cut.rgba, cut.meta, cut.skipped
+                faults = sorted(set(instance_skips) - POLICY_REASONS) if strict else []
+                if faults:
+                    raise strict_fault(", ".join(faults), f"{record.path} (image id {record.image_id})")
                 writer.append(pixels, meta)
                 writer.skipped.update(instance_skips)
                 for reason in instance_skips:
@@ -77,7 +123,7 @@ def build_shard(
                 if progress:
                     progress(1, len(pixels))
             writer.extra.update(num_images=len(images), skip_examples=skip_examples, exif_rotated=rotated,
-                                size_mismatch=size_mismatch)
+                                size_mismatch=size_mismatch, decoded_reduced=reduced)
     except OSError as e:
         raise write_error(e, shard_dir) from None
     return writer.result

@@ -9,13 +9,13 @@ Layout of a bank directory (every backend)::
       shards/
         000000/                one build shard = a contiguous chunk of images
           meta.npy             META_DTYPE [n]        geometry + class id per crop (types.META_DTYPE)
-          digests.npy          uint8 [n, 32]         sha256 of each crop, see ``crop_digests``
+          digests.npy          uint8 [n, 32]         digest of each crop (BLAKE3; sha256 in format 1), see ``crop_digests``
           <payload>            backend-specific pixels (memmap: pixels.u8; lmdb: data.mdb; wds: *.tar)
           shard.json           written last in the shard: counts, class histogram, shard hash,
                                skip report, payload description; a shard without it is unfinished
         000001/ ...
 
-``manifest.json`` (``FORMAT_VERSION`` 1)::
+``manifest.json`` (``FORMAT_VERSION`` 2)::
 
     format_version  int         readers refuse a bank newer than the FORMAT_VERSION they know
     backend         str         key of ``instbank.storage.BACKENDS``
@@ -32,8 +32,9 @@ Layout of a bank directory (every backend)::
     has_embeddings  bool
     instbank_version, created
 
-Content hash (DESIGN "version"): each crop's digest is ``sha256(rgba bytes [4,S,S] C-order ||
-meta row bytes (META_DTYPE, which includes the class id))``; the bank hash is
+Content hash (DESIGN "version"): each crop's digest is ``BLAKE3(rgba bytes [4,S,S] C-order ||
+meta row bytes (META_DTYPE, which includes the class id))`` (``sha256`` of the same bytes in
+format-1 banks, ``DIGESTS``); the bank hash is
 ``sha256(header || digest_0 || digest_1 || ...)`` with ``header`` the canonical JSON of the crop size
 and the class table. It depends on content and order only, not on backend, sharding or workers.
 """
@@ -43,16 +44,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from instbank.errors import BankError
-from instbank.storage.registry import get_backend
+from instbank.storage.registry import BACKENDS, get_backend
 from instbank.types import META_DTYPE, BankCrop, ClassInfo, CropMeta
 
-FORMAT_VERSION = 1
+#: 2: per-crop digests are BLAKE3 (was sha256 in 1; the layout is unchanged and 1 is still read).
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SHARD_MANIFEST = "shard.json"
 SHARDS_DIR = "shards"
@@ -66,14 +69,34 @@ DIGEST_BYTES = 32
 # hashing
 
 
-def crop_digests(rgba: np.ndarray, meta: np.ndarray) -> np.ndarray:
-    """uint8 ``[n, 32]``: sha256 of each crop's RGBA bytes followed by its META_DTYPE row bytes."""
+#: The per-crop digest of each format version (32 bytes each). BLAKE3 hashes a 64 KiB crop 3.5x
+#: faster than sha256 does with SHA-NI (6.7 against 1.9 GB/s, one core; docs/perf/build.md) and
+#: is as collision-resistant; the version contract fixes what is hashed, not the function.
+DIGESTS = {1: "sha256", 2: "blake3"}
+
+
+def _digest_factory(format_version: int):
+    name = DIGESTS.get(format_version)
+    if name is None:
+        raise ValueError(f"no crop digest for format version {format_version!r}; known: {sorted(DIGESTS)}")
+    if name == "blake3":
+        import blake3  # only where crops are hashed: reading a bank needs no hash library
+
+        return blake3.blake3
+    return hashlib.sha256
+
+
+def crop_digests(rgba: np.ndarray, meta: np.ndarray, format_version: int = FORMAT_VERSION) -> np.ndarray:
+    """uint8 ``[n, 32]``: the digest (``DIGESTS[format_version]``) of each crop's RGBA bytes
+    followed by its META_DTYPE row bytes. Pass a bank's own ``format_version`` to check its
+    stored digests; new banks use ``FORMAT_VERSION``."""
     if len(rgba) != len(meta):
         raise ValueError(f"{len(rgba)} crops but {len(meta)} meta rows")
+    new = _digest_factory(format_version)
     meta = np.ascontiguousarray(meta, dtype=META_DTYPE)
     out = np.empty((len(rgba), DIGEST_BYTES), np.uint8)
     for i in range(len(rgba)):
-        h = hashlib.sha256(np.ascontiguousarray(rgba[i]).data)
+        h = new(np.ascontiguousarray(rgba[i]).data)
         h.update(meta[i : i + 1].tobytes())
         out[i] = np.frombuffer(h.digest(), np.uint8)
     return out
@@ -147,13 +170,20 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; ``BankError`` naming the file when it is missing, not JSON, or
+    not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise BankError(f"{path}: missing {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BankError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BankError(f"{path}: {what} is nested too deeply to be one") from None
+    if not isinstance(obj, dict):
+        raise BankError(f"{path}: {what} is not a JSON object")
+    return obj
 
 
 def load_shard_array(path: Path, what: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -183,7 +213,11 @@ def classes_from_json(entries: Sequence[Mapping[str, Any]]) -> list[ClassInfo]:
 
 
 def load_manifest(bank_dir: str | os.PathLike) -> dict:
-    """Read and check ``manifest.json``; raises ``BankError`` naming the file on any problem."""
+    """Read and check ``manifest.json``; raises ``BankError`` naming the file on any problem.
+
+    Every field a reader uses is checked for its type and range (``check_manifest``), so that a
+    crafted or damaged manifest can neither point outside the bank directory nor make a reader
+    allocate absurd amounts of memory."""
     bank_dir = Path(bank_dir)
     path = bank_dir / MANIFEST
     if not bank_dir.is_dir():
@@ -191,8 +225,35 @@ def load_manifest(bank_dir: str | os.PathLike) -> dict:
     if not path.exists():
         raise BankError(f"{bank_dir}: not a finished instbank bank (no {MANIFEST}; an interrupted build?)")
     manifest = read_json(path, "bank manifest")
+    check_manifest(manifest, path)
+    return manifest
+
+
+#: Bounds of what a reader accepts: far above any real bank, far below what would exhaust memory.
+MAX_CROP_SIZE = 16384
+MAX_CROPS = 1 << 40
+#: A shard directory or payload file name: one path component, no dots at all (no ``..``).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def safe_member(directory: Path, name: Any, where: Path) -> Path:
+    """``directory / name`` for a file name read from a bank's metadata; ``BankError`` naming
+    ``where`` unless ``name`` is one plain path component (no separator, no ``..``)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise BankError(f"{where}: {name!r} is not a plain file name inside the bank")
+    return directory / name
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """``BankError`` naming ``path`` and the field when the manifest is not one this instbank reads."""
+    if not isinstance(manifest, dict):
+        raise BankError(f"{path}: the manifest is not a JSON object")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
+    if not _is_int(version, 1, 1 << 31):
         raise BankError(f"{path}: no integer format_version")
     if version > FORMAT_VERSION:
         raise BankError(
@@ -202,7 +263,51 @@ def load_manifest(bank_dir: str | os.PathLike) -> dict:
     for key in ("backend", "crop_size", "num_crops", "classes", "shards", "content_hash"):
         if key not in manifest:
             raise BankError(f"{path}: manifest has no '{key}'")
-    return manifest
+    if not isinstance(manifest["backend"], str) or manifest["backend"] not in BACKENDS:
+        raise BankError(f"{path}: unknown backend {manifest['backend']!r} (this instbank reads {', '.join(BACKENDS)})")
+    size = manifest["crop_size"]
+    if not (isinstance(size, list) and len(size) == 2 and size[0] == size[1] and _is_int(size[0], 1, MAX_CROP_SIZE)):
+        raise BankError(f"{path}: crop_size must be [S, S] with S in 1..{MAX_CROP_SIZE}, got {size!r}")
+    if not _is_int(manifest["num_crops"], 0, MAX_CROPS):
+        raise BankError(f"{path}: num_crops must be an integer in 0..{MAX_CROPS}, got {manifest['num_crops']!r}")
+    if not isinstance(manifest["content_hash"], str) or not isinstance(manifest.get("version", ""), str):
+        raise BankError(f"{path}: content_hash and version must be strings")
+    for key in ("build", "backend_options", "skipped"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise BankError(f"{path}: {key} must be a JSON object")
+    if not all(_is_int(v, 0, MAX_CROPS) for v in manifest.get("skipped", {}).values()):
+        raise BankError(f"{path}: skipped must map reasons to counts")
+    _check_classes(manifest, path)
+    _check_shards(manifest["shards"], path)
+
+
+def _check_classes(manifest: dict, path: Path) -> None:
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not all(
+        isinstance(c, dict) and _is_int(c.get("id"), 0, MAX_CROPS) and _is_int(c.get("source_id"), -(1 << 63), 1 << 63)
+        and isinstance(c.get("name"), str) for c in classes
+    ):
+        raise BankError(f"{path}: classes must be a list of {{id, source_id, name}} objects")
+    if [c["id"] for c in classes] != list(range(len(classes))):
+        raise BankError(f"{path}: class ids must be 0..{len(classes) - 1} in order")
+    freqs = manifest.get("class_frequencies", [0] * len(classes))
+    if not (isinstance(freqs, list) and len(freqs) == len(classes) and all(_is_int(f, 0, MAX_CROPS) for f in freqs)):
+        raise BankError(f"{path}: class_frequencies must be {len(classes)} counts, one per class")
+
+
+def _check_shards(shards: Any, path: Path) -> None:
+    if not isinstance(shards, list):
+        raise BankError(f"{path}: shards must be a list")
+    seen = set()
+    for k, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not isinstance(shard.get("payload"), dict) or not isinstance(shard.get("hash"), str):
+            raise BankError(f"{path}: shard entry {k} must be an object with dir, num_crops, hash and payload")
+        safe_member(path.parent / SHARDS_DIR, shard.get("dir"), path)
+        if shard["dir"] in seen:
+            raise BankError(f"{path}: shard directory {shard['dir']!r} is listed twice")
+        seen.add(shard["dir"])
+        if not _is_int(shard.get("num_crops"), 0, MAX_CROPS):
+            raise BankError(f"{path}: shard {shard['dir']}: num_crops must be an integer in 0..{MAX_CROPS}")
 
 
 def open_bank(path: str | os.PathLike) -> ShardedBank:
@@ -325,8 +430,13 @@ class ShardedBank:
             self._pid = pid
         h = self._handles.get(shard)
         if h is None:
-            sdir = self.path / SHARDS_DIR / self._shards[shard]["dir"]
-            h = self._handles[shard] = self._open_payload(sdir, self._shards[shard])
+            entry = self._shards[shard]
+            sdir = self.path / SHARDS_DIR / entry["dir"]
+            try:
+                h = self._handles[shard] = self._open_payload(sdir, entry)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                # A payload description that is not what this backend wrote (damaged or crafted).
+                raise BankError(f"{self.path / MANIFEST}: shard {entry['dir']}: malformed payload description ({e!r})") from None
         return h
 
     def close(self) -> None:
@@ -412,7 +522,11 @@ class ShardedBank:
         """META_DTYPE ``[N]`` structured array, one row per crop (loaded once per process)."""
         if self._meta is None:
             parts = [load_shard_meta(self.path / SHARDS_DIR / s["dir"], s["num_crops"]) for s in self._shards]
-            self._meta = np.concatenate(parts) if parts else np.empty(0, META_DTYPE)
+            meta = np.concatenate(parts) if parts else np.empty(0, META_DTYPE)
+            ids = meta["class_id"]
+            if len(ids) and (ids.min() < 0 or ids.max() >= len(self.classes)):
+                raise BankError(f"{self.path}: crops have class ids outside the class table ({len(self.classes)} classes; run instbank verify)")
+            self._meta = meta
         return self._meta
 
     @property

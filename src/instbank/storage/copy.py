@@ -23,7 +23,9 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from instbank.errors import BankError
-from instbank.storage.base import SHARD_MANIFEST, ShardedBank, crop_digests, load_shard_digests, load_shard_meta, read_json
+from instbank.storage.base import (
+    FORMAT_VERSION, SHARD_MANIFEST, ShardedBank, crop_digests, load_shard_digests, load_shard_meta, read_json,
+)  # fmt: skip
 from instbank.storage.writer import BankWriter, ShardResult, shard_dir_name
 from instbank.types import ProgressFn
 
@@ -91,12 +93,16 @@ def _input_shards(sources, check_digests: bool, progress) -> Iterator[tuple[Iter
         changes_ids = remap is not None and not np.array_equal(remap, np.arange(len(remap)))
         for sdir, entry, start in bank.iter_shards():
             info = read_json(sdir / SHARD_MANIFEST, "shard manifest")
+            skipped = info.get("skipped", {})
+            if not (isinstance(skipped, dict) and all(isinstance(v, int) for v in skipped.values())):
+                raise BankError(f"{sdir / SHARD_MANIFEST}: 'skipped' must map reasons to counts")
             yield _pieces(bank, sdir, entry["num_crops"], start, remap if changes_ids else None, check_digests, progress), info
 
 
 def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_digests: bool, progress) -> Iterator[Piece]:
     meta = load_shard_meta(sdir, n)
     digests = load_shard_digests(sdir, n)
+    version = bank.manifest["format_version"]
     if remap is not None:
         ids = meta["class_id"]
         if len(ids) and (ids.min() < 0 or ids.max() >= len(remap)):
@@ -107,7 +113,7 @@ def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_dige
         rgba = bank.get_many(np.arange(start + lo, start + hi))
         rows, sums = meta[lo:hi], digests[lo:hi]
         if check_digests:
-            bad = np.flatnonzero((crop_digests(rgba, rows) != sums).any(axis=1))
+            bad = np.flatnonzero((crop_digests(rgba, rows, version) != sums).any(axis=1))
             if len(bad):
                 raise BankError(
                     f"{sdir}: crop {start + lo + int(bad[0])} does not match its digest in digests.npy "
@@ -116,6 +122,7 @@ def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_dige
         if remap is not None:
             rows = rows.copy()
             rows["class_id"] = remap[rows["class_id"]]
+        if remap is not None or version != FORMAT_VERSION:  # the output's digests: new ids, or today's digest
             sums = crop_digests(rgba, rows)
         yield Piece(rgba, rows, sums)
         if progress is not None:

@@ -49,11 +49,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from instbank.errors import BankError
-from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options
+from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options, safe_member
 from instbank.storage.codec import frame_compressor, zstd_decode_into
+from instbank.storage.registry import CODECS as BACKEND_CODECS
 
 DATA = "data.mdb"
-CODECS = ("zstd",)
+CODECS = BACKEND_CODECS["lmdb"]
 FILTERS = ("none", "up-rgb")
 DEFAULT_OPTIONS: Mapping[str, Any] = {"codec": "zstd", "level": 3, "filter": "up-rgb"}
 #: First map size of a writer; doubled on MapFullError. Without ``writemap`` the file grows with
@@ -297,7 +298,7 @@ class Reader(ShardedBank):
     def _open_payload(self, shard_dir: Path, shard: dict) -> _ShardEnv:
         payload = shard["payload"]
         check_codec(payload, shard_dir / SHARD_MANIFEST)
-        path = shard_dir / payload["file"]
+        path = safe_member(shard_dir, payload.get("file"), shard_dir / SHARD_MANIFEST)
         try:
             st = path.stat()
         except FileNotFoundError:

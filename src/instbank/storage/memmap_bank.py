@@ -21,10 +21,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from instbank.errors import BankError
-from instbank.storage.base import MANIFEST, ShardedBank, merge_options
+from instbank.storage.base import MANIFEST, ShardedBank, merge_options, safe_member
+from instbank.storage.registry import CODECS as BACKEND_CODECS
 
 PIXELS = "pixels.u8"
-CODECS = ("raw",)
+CODECS = BACKEND_CODECS["memmap"]
 
 
 def writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -66,7 +67,7 @@ class Reader(ShardedBank):
     backend = "memmap"
 
     def _open_payload(self, shard_dir: Path, shard: dict) -> np.ndarray:
-        path = shard_dir / shard["payload"]["file"]
+        path = safe_member(shard_dir, shard["payload"].get("file"), self.path / MANIFEST)
         s = self.crop_size[0]
         shape = (shard["num_crops"], 4, s, s)
         if shard["payload"].get("shape") != list(shape):

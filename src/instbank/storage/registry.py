@@ -13,6 +13,14 @@ BACKENDS: dict[str, str] = {
     "webdataset": "instbank.storage.wds_bank",
 }
 
+#: The codecs each backend writes and reads, default first (also what ``instbank build --help``
+#: lists without importing a backend).
+CODECS: dict[str, tuple[str, ...]] = {
+    "memmap": ("raw",),
+    "lmdb": ("zstd",),
+    "webdataset": ("zstd", "raw", "png"),
+}
+
 
 def get_backend(name: str) -> ModuleType:
     """The module implementing backend ``name``; ``ValueError`` listing valid names otherwise."""

@@ -29,6 +29,7 @@ from instbank.storage.base import (
     load_shard_meta,
     make_version,
     read_json,
+    safe_member,
     shard_hash,
 )
 from instbank.storage.copy import chunk_length
@@ -138,12 +139,12 @@ def _check_manifest(manifest: dict, shards: list[_ShardFiles], report: VerifyRep
 
 def _payload_file(sdir: Path, payload: Mapping[str, Any], local: int) -> Path:
     """The file holding crop ``local`` of a shard (memmap/lmdb: one file; webdataset: its tar)."""
-    if "file" in payload:
-        return sdir / payload["file"]
     try:
-        tar = int(np.load(sdir / payload["index"])["tar"][local])
-        return sdir / payload["tars"][tar]["file"]
-    except (OSError, ValueError, KeyError, IndexError):
+        if "file" in payload:
+            return safe_member(sdir, payload["file"], sdir)
+        tar = int(np.load(safe_member(sdir, payload["index"], sdir))["tar"][local])
+        return safe_member(sdir, payload["tars"][tar]["file"], sdir)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, BankError):
         return sdir
 
 
@@ -177,7 +178,7 @@ def _check_pixels(bank: ShardedBank, shard_no: int, files: _ShardFiles, report: 
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         rgba, chunk_errors = _read_chunk(bank, np.arange(start + lo, start + hi))
-        mismatch = (crop_digests(rgba, files.meta[lo:hi]) != files.digests[lo:hi]).any(axis=1)
+        mismatch = (crop_digests(rgba, files.meta[lo:hi], bank.manifest["format_version"]) != files.digests[lo:hi]).any(axis=1)
         bad.extend(lo + int(k) for k in np.flatnonzero(mismatch))
         errors.update((lo + k, message) for k, message in chunk_errors.items())
         report.crops_checked += hi - lo

@@ -41,14 +41,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from instbank.errors import BankError
-from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options, save_npy_atomic
+from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options, safe_member, save_npy_atomic
 from instbank.storage.codec import frame_compressor, zstd_decode_into
+from instbank.storage.registry import CODECS
 from instbank.types import BankCrop, CropMeta
 
 TAR_PATTERN = "bank-%06d.tar"
 INDEX = "index.npy"
 INDEX_DTYPE = np.dtype([("tar", "<i4"), ("offset", "<i8"), ("size", "<i8")])
 MEMBERS = {"zstd": "rgba.zst", "raw": "rgba", "png": "png"}
+assert tuple(MEMBERS) == CODECS["webdataset"], "a codec without its member name (or the other way)"
 # One tar per 1 GB by default: big enough for streaming throughput, small enough to spread
 # over DataLoader workers and nodes (WebDataset splits a bank by tar file).
 DEFAULT_OPTIONS: Mapping[str, Any] = {"codec": "zstd", "level": 3, "maxcount": 100_000, "maxsize": 1_000_000_000}
@@ -317,11 +319,16 @@ def verify_payload(shard_dir: Path, shard: dict, meta: np.ndarray) -> list[tuple
     must sit where the index says, and every sample must be reachable. Returns ``(message, tar
     path, shard-local crop or None)`` for the first fault of each tar (for ``instbank verify``)."""
     payload = shard["payload"]
+    where = shard_dir / SHARD_MANIFEST
     try:
-        index = _load_index(shard_dir / payload["index"], shard["num_crops"], payload["tars"])
+        index_path = safe_member(shard_dir, payload.get("index"), where)
+        index = _load_index(index_path, shard["num_crops"], payload["tars"])
+        tars = [(safe_member(shard_dir, t["file"], where), t) for t in payload["tars"]]
     except BankError as e:
-        return [(str(e), shard_dir / payload["index"], None)]
-    checks = (_check_tar(shard_dir / t["file"], k, t, payload, index, meta) for k, t in enumerate(payload["tars"]))
+        return [(str(e), where, None)]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return [(f"{where}: malformed payload description ({e!r})", where, None)]
+    checks = (_check_tar(path, k, t, payload, index, meta) for k, (path, t) in enumerate(tars))
     return [problem for problem in checks if problem is not None]
 
 
@@ -360,8 +367,9 @@ class Reader(ShardedBank):
     def _open_payload(self, shard_dir: Path, shard: dict) -> _TarShard:
         payload = shard["payload"]
         check_codec(payload, shard_dir / SHARD_MANIFEST)
-        index = _load_index(shard_dir / payload["index"], shard["num_crops"], payload["tars"])
-        paths = [shard_dir / t["file"] for t in payload["tars"]]
+        where = shard_dir / SHARD_MANIFEST
+        index = _load_index(safe_member(shard_dir, payload.get("index"), where), shard["num_crops"], payload["tars"])
+        paths = [safe_member(shard_dir, t["file"], where) for t in payload["tars"]]
         maps = [_map_tar(p, t["size"]) for p, t in zip(paths, payload["tars"])]
         return _TarShard(paths, maps, index, payload["codec"])
 
@@ -370,7 +378,8 @@ class Reader(ShardedBank):
 
     def tar_paths(self) -> list[Path]:
         """Every tar file of the bank, in global index order."""
-        return [sdir / t["file"] for sdir, shard, _ in self.iter_shards() for t in shard["payload"]["tars"]]
+        return [safe_member(sdir, t["file"], sdir / SHARD_MANIFEST) for sdir, shard, _ in self.iter_shards()
+                for t in shard["payload"]["tars"]]
 
     def stream(self, shuffle: int = 0, resampled: bool = False, urls=None, seed: int | None = None):
         """A ``webdataset.WebDataset`` pipeline yielding ``BankCrop``s, split by node and worker.
