@@ -118,3 +118,15 @@ def test_verify_names_a_corrupt_crop(tmp_path):
     pixels.write_bytes(bytes(data))
     proc = run_cli("verify", str(bank), check=False)
     assert proc.returncode == 1 and "problem" in proc.stdout and "5" in proc.stdout and "pixels.u8" in proc.stdout
+
+
+def test_build_sa1b_with_filters(tmp_path):
+    out = tmp_path / "bank"
+    sample = REPO / "data" / "sample" / "sa1b"
+    proc = run_cli("build", "--sa1b", str(sample), "--out", str(out), "--size", "16", "--workers", "1",
+                   "--category", "thing", "--min-predicted-iou", "0.0")
+    assert "read sa1b" in proc.stderr and "kept 36 crops from 4 images" in proc.stderr
+    stats = json.loads(run_cli("stats", str(out), "--json").stdout)
+    assert stats["class_names"] == ["thing"] and stats["num_crops"] == 36
+    proc = run_cli("build", "--sa1b", str(sample), "--coco", str(SAMPLE_COCO), "--out", str(tmp_path / "x"), check=False)
+    assert_one_line_error(proc, "give exactly one of --coco ANN.json, --yolo DATA.yaml|DIR or --sa1b DIR")

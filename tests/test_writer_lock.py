@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLE_COCO
+
 from instbank.build import BuildConfig, build_bank
 from instbank.formats.coco import read_coco
 from instbank.storage import open_bank

@@ -69,6 +69,10 @@ _BUILD_DEFAULTS: dict[str, Any] = {
     "codec": None,
     "strict": False,
     "splits": None,
+    "category": None,
+    "class_map": None,
+    "min_predicted_iou": 0.0,
+    "min_stability_score": 0.0,
 }
 
 
@@ -94,7 +98,7 @@ def _load_config(path: Optional[Path]) -> dict[str, Any]:
         raise InputError(f"{path}: config must be a mapping of option: value")
     build = data.get("build", data)
     cfg = {str(k).replace("-", "_"): v for k, v in build.items()}
-    unknown = sorted(set(cfg) - set(_BUILD_DEFAULTS) - {"sampler", "paste", "coco", "yolo", "images", "out"})
+    unknown = sorted(set(cfg) - set(_BUILD_DEFAULTS) - {"sampler", "paste", "coco", "yolo", "sa1b", "images", "out"})
     if unknown:
         raise InputError(f"{path}: unknown build option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_BUILD_DEFAULTS))}")
     return cfg
@@ -105,7 +109,8 @@ def _load_config(path: Optional[Path]) -> dict[str, Any]:
 def build(
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO instances json (polygons and RLE)."),
     yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO-seg data.yaml or a dir with images/ and labels/."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --coco (default: guessed)."),
+    sa1b: Optional[Path] = typer.Option(None, "--sa1b", help="SA-1B directory: sa_*.json beside sa_*.jpg (subdirectories too)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --coco or --sa1b (default: guessed / beside each json)."),
     out: Path = typer.Option(..., "--out", help="Bank directory to write."),
     backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset (default: memmap)"),
     size: Optional[int] = typer.Option(None, "--size", help="Crop side S in pixels (default: 128)."),
@@ -122,6 +127,10 @@ def build(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (engine ray)."),
     codec: Optional[str] = typer.Option(None, "--codec", help=f"Backend codec: {_CODECS_HELP}."),
     splits: Optional[str] = typer.Option(None, "--splits", help="YOLO data.yaml splits, e.g. train,val (default: all)."),
+    category: Optional[str] = typer.Option(None, "--category", help="--sa1b: class of every mask (default: object), or of masks not in --class-map."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="--sa1b: json {annotation id: class name}."),
+    min_predicted_iou: Optional[float] = typer.Option(None, "--min-predicted-iou", help="--sa1b: keep masks with predicted_iou >= this (SAM used 0.88)."),
+    min_stability_score: Optional[float] = typer.Option(None, "--min-stability-score", help="--sa1b: keep masks with stability_score >= this (SAM used 0.95)."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O",
                                                        help="Backend writer option KEY=VALUE, e.g. level=9, filter=none, maxcount=10000."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
@@ -129,7 +138,7 @@ def build(
     resume: bool = typer.Option(False, "--resume", help="Keep finished shards of an interrupted build."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Any skipped item is an error."),
 ) -> None:
-    """Build a bank from COCO json or YOLO-seg labels."""
+    """Build a bank from COCO json, YOLO-seg labels or SA-1B jsons."""
     from instbank.errors import InputError
 
     given = {k: v for k, v in locals().items() if k in _BUILD_DEFAULTS and v is not None}
@@ -137,9 +146,10 @@ def build(
     opts = {**_BUILD_DEFAULTS, **{k: v for k, v in file_cfg.items() if k in _BUILD_DEFAULTS}, **given}
     coco = coco or (Path(file_cfg["coco"]) if file_cfg.get("coco") else None)
     yolo = yolo or (Path(file_cfg["yolo"]) if file_cfg.get("yolo") else None)
+    sa1b = sa1b or (Path(file_cfg["sa1b"]) if file_cfg.get("sa1b") else None)
     images = images or (Path(file_cfg["images"]) if file_cfg.get("images") else None)
-    if (coco is None) == (yolo is None):
-        raise InputError("build: give exactly one of --coco ANN.json or --yolo DATA.yaml|DIR")
+    if sum(source is not None for source in (coco, yolo, sa1b)) != 1:
+        raise InputError("build: give exactly one of --coco ANN.json, --yolo DATA.yaml|DIR or --sa1b DIR")
     from instbank.storage import BACKENDS
 
     for name, allowed in (("crowd", ("skip", "include")), ("exif", ("follow", "ignore")), ("engine", ("local", "ray")),
@@ -176,11 +186,17 @@ def build(
         from instbank.formats.coco import read_coco
 
         dataset = read_coco(coco, images, crowd=opts["crowd"], box_masks=bool(opts["box_masks"]))
-    else:
+    elif yolo is not None:
         from instbank.formats.yolo import read_yolo
 
         split_list = opts["splits"].split(",") if isinstance(opts["splits"], str) else opts["splits"]
         dataset = read_yolo(yolo, box_masks=bool(opts["box_masks"]), splits=split_list)
+    else:
+        from instbank.formats.sa1b import read_sa1b
+
+        dataset = read_sa1b(sa1b, images, category=opts["category"], class_map=opts["class_map"],
+                            min_predicted_iou=float(opts["min_predicted_iou"]),
+                            min_stability_score=float(opts["min_stability_score"]), min_area=cfg.filters.min_area)
     _err(f"read {dataset.kind} {dataset.source}: {len(dataset.images)} images, {dataset.num_instances} instances, "
          f"{len(dataset.classes)} classes ({time.perf_counter() - t_read:.1f}s)")
     for note in dataset.notes:

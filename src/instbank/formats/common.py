@@ -1,4 +1,4 @@
-"""Helpers shared by the COCO and YOLO readers: one-line errors, id range, box rectangles."""
+"""Helpers shared by the readers: one-line errors, id range, box rectangles."""
 
 from __future__ import annotations
 
@@ -63,12 +63,17 @@ REASONS: dict[str, str] = {
     "bad_bbox": "box_masks: bbox missing, non-finite, or with width/height <= 0",
     "bad_polygon": "no polygon part with >= 3 points and an even coordinate count, or a NaN/inf coordinate",
     "rle_size_mismatch": "RLE size differs from the image's height/width",
-    "bad_rle": "uncompressed RLE runs are negative or do not add up to height*width",
+    "bad_rle": "RLE runs are negative or do not add up to height*width (SA-1B: or a corrupt counts string)",
     "malformed_annotation": "annotation field of the wrong JSON type",
     # YOLO, per label line
     "box_only": "label line with a box and no polygon (pass box_masks to use the box)",
     "bad_label_line": "label line that is not numbers, has NaN/inf, an odd coordinate count or < 3 points",
     "class_out_of_range": "label line whose class index is not in 'names'",
+    # SA-1B, per annotation (also rle_size_mismatch, bad_rle for compressed strings, malformed_annotation)
+    "unmapped": "annotation id not in the class map, and no default category",
+    "low_predicted_iou": "predicted_iou under min_predicted_iou",
+    "low_stability_score": "stability_score under min_stability_score",
+    "small_area": "mask area (pixels) under min_area",
     # YOLO, per file (images are kept; orphan label files are not read)
     "image_without_label": "no label file (kept, with no instances)",
     "label_without_image": "label file with no image",
