@@ -1,44 +1,46 @@
-"""Build throughput: instbank's build against bare JPEG decoding and the naive per-instance loop.
+"""Build throughput as a user sees it: ``instbank build`` against bare JPEG decoding, whole processes.
 
-    .venv/bin/python benchmarks/build_throughput.py [--coco ANN.json ...] [--yolo DIR] [--size 128]
-        [--repeats 3] [--engine ray] [--profile] [--no-memory]
+    .venv/bin/python benchmarks/build_throughput.py [--repeat 3] [--sizes 128 64] [--rounds 3]
+        [--profile] [--no-memory] [--naive] [--engine ray]
 
-Data: the COCO json files given (default: both splits of ../shared/data/coco_tiny_2017 joined into
-one image list, 160 images; data/sample/coco when absent), or a YOLO-seg directory (``--yolo``,
-e.g. ../shared/data/coco128-seg). Crowd annotations are skipped, as the build does by default.
-Every image file is read once before timing: every arm reads its files from the page cache (none
-reads them into RAM ahead of its clock). OpenCV runs single-threaded in every arm
-(``cv2.setNumThreads(1)`` here; the build's pool workers do the same), so "1 worker" is one core.
+Data (issue #15): the images of ../shared/data/coco_tiny_2017 (both splits, 160 real COCO images,
+1503 non-crowd instances) listed ``--repeat`` times (default 3: 480 images) in one COCO json with
+new image and annotation ids, written to a temporary directory; the shipped sample when absent.
+Every file is read once before timing (page cache warm for every arm).
 
-Rows (one run, same images; seconds are the median of ``--repeats`` runs, the arms taking turns so
-that load from other processes on the machine falls on each alike):
+Arms, each a fresh process started by this script (Python start-up and imports included), taking
+turns for ``--rounds`` rounds so that load from other processes falls on each alike; wall seconds
+and the process's CPU seconds (user + system, from ``getrusage(RUSAGE_CHILDREN)``):
 
-- ``decode``: read + ``cv2.imdecode`` (IMREAD_COLOR) of every image, one process. The reference.
-- ``naive loop``: decode, then per instance a full-image mask (pycocotools frPyObjects + merge +
-  decode, what ``COCO.annToMask`` does), its tight box by ``np.nonzero``, a square window of the
-  box pixels and mask, one ``cv2.resize``. No hashing or writing: a floor for that design.
-- ``build w=1``: ``build_bank(workers=1)`` into a fresh directory under /tmp: decode, masks,
-  crops, sha256 of every crop, memmap shards, manifest (fsync'ed). Target ratio >= 0.7.
-- ``build w=2``: the same with a 2-process pool; speed-up over w=1 (target >= 1.8 on 2 cores).
-- ``build ray w=2`` (``--engine ray``): ``build_bank(engine="ray")``, cold (Ray started and
-  stopped inside the call), once; "ray: not available" when ``instbank.engines.ray`` or Ray does
-  not import.
+- ``decode``: ``import cv2``, then ``cv2.imread`` (full decode, IMREAD_COLOR) of every listed file,
+  OpenCV single-threaded. The reference: what reading the data set costs at least.
+- ``build S w=1``: ``instbank build --coco JSON --images ROOT --workers 1 --size S`` into a fresh
+  directory: json, masks, crops, BLAKE3 of every crop, memmap shards, fsync'ed manifest.
+  The share of images decoded reduced in the DCT domain (shard.json ``decoded_reduced``) is printed.
+- ``build 128 w=2``: the same with ``--workers 2`` (speed-up over w=1 on the same set).
 
-Then the build's peak memory (resident high-water mark of a fresh process during a w=1 build, Linux
-/proc) on the image list and on the list repeated 4 times: streaming shards keep it flat.
-``--profile`` adds cProfile's top functions of one w=1 build.
+Ratios are decode / build (1.0 = the build costs what decoding costs; targets: >= 0.8 at S=128 with
+one worker, w=2 / w=1 >= 1.8x). Then, unless ``--no-memory``: the build's peak memory (resident
+high-water mark of a fresh process during an in-process w=1 build) on coco_tiny and on it listed 4
+times: streaming shards keep it flat. ``--profile``: cProfile of one ``instbank build --workers 1``
+process (S = the first size), top functions by own time. ``--naive``: in-process, the per-instance
+full-image-mask loop (pycocotools, no hashing or writing) against in-process decoding.
+``--engine ray``: one cold ``build_bank(engine="ray")``.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import dataclasses
+import json
 import multiprocessing as mp
 import os
 import pstats
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -121,18 +123,6 @@ def build(dataset, out: Path, size: int, workers: int, engine: str = "local") ->
         shutil.rmtree(out, ignore_errors=True)
 
 
-def interleaved(arms: dict, repeats: int) -> dict[str, tuple[float, int]]:
-    """Median seconds and the item count of every arm; the arms take turns."""
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    counts: dict[str, int] = {}
-    for _ in range(repeats):
-        for name, run in arms.items():
-            t0 = time.perf_counter()
-            counts[name] = run()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), counts[name]) for name, t in times.items()}
-
-
 def ray_arm(dataset, tmp: Path, size: int) -> tuple[float, int] | None:
     try:
         import instbank.engines.ray  # noqa: F401  (the engine module; it imports Ray lazily)
@@ -169,81 +159,164 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def print_profile(dataset, tmp: Path, size: int, top: int = 18) -> None:
-    from instbank.build import BuildConfig, build_bank
+DECODE_SCRIPT = """
+import sys, cv2
+cv2.setNumThreads(1)
+for path in open(sys.argv[1]).read().splitlines():
+    if cv2.imread(path, cv2.IMREAD_COLOR) is None:
+        raise SystemExit(f"{path}: not decoded")
+"""
 
-    profiler = cProfile.Profile()
-    profiler.enable()
-    build_bank(dataset, tmp / "profiled", BuildConfig(size=size), workers=1)
-    profiler.disable()
-    shutil.rmtree(tmp / "profiled")
-    print(f"\ncProfile of one w=1 build (top {top} by own time):")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+def write_repeated_coco(out_dir: Path, repeat: int) -> tuple[Path, Path, int]:
+    """(json, images root, image count): coco_tiny's two splits listed ``repeat`` times with new ids
+    (file names relative to the coco_tiny root), or the shipped sample when coco_tiny is absent."""
+    if all(p.exists() for p in DEFAULT_COCO):
+        root, splits = TINY.parent, [(p, p.stem.split("_")[1]) for p in DEFAULT_COCO]
+    else:
+        root, splits = SAMPLE.parent, [(SAMPLE, "images")]
+    images, annotations, categories = [], [], None
+    for _ in range(repeat):
+        for ann_path, folder in splits:
+            data = json.loads(ann_path.read_text())
+            categories = data["categories"]
+            new_id = {}
+            for im in data["images"]:
+                new_id[im["id"]] = len(images) + 1
+                images.append({**im, "id": len(images) + 1, "file_name": f"{folder}/{im['file_name']}"})
+            for ann in data["annotations"]:
+                annotations.append({**ann, "id": len(annotations) + 1, "image_id": new_id[ann["image_id"]]})
+    path = out_dir / "coco-repeated.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path, root, len(images)
+
+
+def timed_process(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+system) of one child process run to completion."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def reduced_share(bank: Path) -> tuple[int, int]:
+    """(images decoded reduced, images) summed over the bank's shard.json files."""
+    reduced = images = 0
+    for info in bank.glob("shards/*/shard.json"):
+        entry = json.loads(info.read_text())
+        reduced += entry.get("decoded_reduced", 0)
+        images += entry.get("num_images", 0)
+    return reduced, images
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--coco", type=Path, nargs="+", default=None, help="COCO instances json(s)")
-    ap.add_argument("--yolo", type=Path, default=None, help="YOLO-seg dataset directory (or data.yaml)")
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: add the Ray engine row")
-    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions of one w=1 build")
+    ap.add_argument("--repeat", type=int, default=3, help="list coco_tiny this many times (3: 480 images)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="cProfile of one `instbank build --workers 1` process")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--naive", action="store_true", help="add the in-process naive per-instance loop")
+    ap.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: add one cold Ray build")
     args = ap.parse_args()
 
     import instbank
 
-    cv2.setNumThreads(1)
-    dataset = read_dataset(args.coco, args.yolo)
-    for record in dataset.images:  # page cache: every arm reads the same warm files
-        Path(record.path).read_bytes()
     tmp = Path(tempfile.mkdtemp(prefix="instbank-bench-build-", dir="/tmp"))
-    print(f"instbank from {Path(instbank.__file__).parent}; {dataset.source}")
-    print(f"{len(dataset.images)} images, {dataset.num_instances} instances, S={args.size}, "
-          f"{os.cpu_count()} cores, cv2 {cv2.__version__} threads={cv2.getNumThreads()}, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
     try:
-        rounds = iter(range(10**9))
-        arms = {
-            "decode": lambda: decode_only(dataset),
-            "naive loop": lambda: naive_loop(dataset, args.size),
-            "build w=1": lambda: build(dataset, tmp / f"w1-{next(rounds)}", args.size, 1),
-            "build w=2": lambda: build(dataset, tmp / f"w2-{next(rounds)}", args.size, 2),
-        }
-        results = interleaved(arms, args.repeats)
+        ann, root, num_images = write_repeated_coco(tmp, args.repeat)
+        paths = [str(root / im["file_name"]) for im in json.loads(ann.read_text())["images"]]
+        (tmp / "paths.txt").write_text("\n".join(paths))
+        for path in set(paths):  # page cache: every arm reads the same warm files
+            Path(path).read_bytes()
+        cli = str(Path(sys.executable).with_name("instbank"))
+        print(f"instbank {instbank.__version__} from {Path(instbank.__file__).parent}")
+        print(f"{num_images} images ({ann.name}: coco_tiny x{args.repeat}, new ids), sizes {args.sizes}, "
+              f"{os.cpu_count()} cores, cv2 {cv2.__version__}, load average {os.getloadavg()[0]:.1f} at start")
+        arms: dict[str, list[str]] = {"decode": [sys.executable, "-c", DECODE_SCRIPT, str(tmp / "paths.txt")]}
+        counter = iter(range(10**9))
+
+        def build_cmd(size: int, workers: int) -> list[str]:
+            return [cli, "build", "--coco", str(ann), "--images", str(root), "--out", str(tmp / f"bank-{next(counter)}"),
+                    "--workers", str(workers), "--size", str(size)]
+
+        for size in args.sizes:
+            arms[f"build {size} w=1"] = ("build", size, 1)
+        arms[f"build {args.sizes[0]} w=2"] = ("build", args.sizes[0], 2)
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
+        shares: dict[int, tuple[int, int]] = {}
+        for _ in range(args.rounds):
+            for name, arm in arms.items():
+                if arm[0] == "build":
+                    cmd = build_cmd(arm[1], arm[2])
+                    times[name].append(timed_process(cmd))
+                    shares[arm[1]] = reduced_share(Path(cmd[cmd.index("--out") + 1]))
+                    shutil.rmtree(cmd[cmd.index("--out") + 1])
+                else:
+                    times[name].append(timed_process(arm))
+            print(f"  round done, load average {os.getloadavg()[0]:.1f}")
+        print_process_table(times, num_images, shares, args.sizes[0])
+        if args.naive:
+            print_naive(args.sizes[0])
         if args.engine == "ray":
-            results["build ray w=2 (cold, 1 run)"] = ray_arm(dataset, tmp, args.size)
-        print_table(results, len(dataset.images))
+            result = ray_arm(read_dataset(None, None), tmp, args.sizes[0])
+            print(f"\nbuild ray w=2 (cold, 1 run, in-process): {result[0]:.2f} s" if result else "\nray: not available")
         if not args.no_memory:
             print_memory(args, tmp)
         if args.profile:
-            print_profile(dataset, tmp, args.size)
+            profile_process(build_cmd(args.sizes[0], 1), tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end (2 cores: above 2, other work shared them)")
 
 
-def print_table(results: dict, num_images: int) -> None:
-    decode_s = results["decode"][0]
-    print(f"\n{'arm':<28}{'seconds':>9}{'images/s':>10}{'crops/s':>10}{'ratio to decode':>17}")
-    for name, result in results.items():
-        if result is None:
-            print(f"{name:<28} ray: not available")
-            continue
-        seconds, crops = result
-        crops_s = f"{crops / seconds:10.0f}" if crops else f"{'':>10}"
-        print(f"{name:<28}{seconds:9.3f}{num_images / seconds:10.1f}{crops_s}{decode_s / seconds:17.2f}")
-    w1, w2 = results["build w=1"][0], results["build w=2"][0]
-    print(f"speed-up w=2 / w=1: {w1 / w2:.2f}x")
+def print_process_table(times: dict, num_images: int, shares: dict, first_size: int) -> None:
+    med = {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
+    span = {name: (min(w for w, _ in t), max(w for w, _ in t), min(c for _, c in t), max(c for _, c in t))
+            for name, t in times.items()}
+    dw, dc = med["decode"]
+    print(f"\n{'arm (whole process)':<22}{'wall s (range)':>22}{'CPU s (range)':>22}{'images/s':>10}"
+          f"{'decode/build wall':>19}{'CPU':>7}")
+    for name, (w, c) in med.items():
+        lo_w, hi_w, lo_c, hi_c = span[name]
+        print(f"{name:<22}{w:8.2f} ({lo_w:.2f}-{hi_w:.2f}){c:10.2f} ({lo_c:.2f}-{hi_c:.2f}){num_images / w:10.1f}"
+              f"{dw / w:19.2f}{dc / c:7.2f}")
+    for size, (reduced, images) in sorted(shares.items(), reverse=True):
+        print(f"S={size}: {reduced} of {images} images decoded reduced in the DCT domain ({reduced / max(images, 1):.0%})")
+    w1, w2 = med[f"build {first_size} w=1"], med[f"build {first_size} w=2"]
+    print(f"speed-up w=2 / w=1 at S={first_size}: {w1[0] / w2[0]:.2f}x wall")
+
+
+def print_naive(size: int) -> None:
+    dataset = read_dataset(None, None)
+    cv2.setNumThreads(1)
+    t0 = time.perf_counter()
+    decode_only(dataset)
+    t1 = time.perf_counter()
+    crops = naive_loop(dataset, size)
+    t2 = time.perf_counter()
+    print(f"\nin-process, {len(dataset.images)} images: decode {t1 - t0:.2f} s, naive per-instance loop "
+          f"{t2 - t1:.2f} s ({crops} crops), ratio {(t1 - t0) / (t2 - t1):.2f}")
+
+
+def profile_process(cmd: list[str], tmp: Path, top: int = 25) -> None:
+    out = tmp / "build.prof"
+    subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), *cmd], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    print(f"\ncProfile of `instbank build --workers 1 --size {cmd[cmd.index('--size') + 1]}` (whole process, top {top} by own time):")
+    pstats.Stats(str(out)).sort_stats("tottime").print_stats(top)
 
 
 def print_memory(args, tmp: Path) -> None:
     ctx = mp.get_context("spawn")  # a fresh interpreter per size: ru_maxrss is a high-water mark
-    print("\npeak RSS during a w=1 build (fresh process, VmHWM reset before the build):")
+    print("\npeak RSS during an in-process w=1 build of coco_tiny (fresh process, VmHWM reset before the build):")
     for repeat in MEMORY_REPEATS:
         with ctx.Pool(1) as pool:
-            job = (args.coco, args.yolo, args.size, repeat, str(tmp / f"rss{repeat}"))
+            job = (None, None, args.sizes[0], repeat, str(tmp / f"rss{repeat}"))
             before, after = pool.apply(peak_rss_mb, job)
         print(f"  images x{repeat}: {before:7.1f} MB before, {after:7.1f} MB peak, +{after - before:.1f} MB")
 

@@ -125,3 +125,80 @@ class PasteDataset(torch.utils.data.Dataset):
         module.set_bank_batch(packed)
         out = module(images, generator=torch.Generator().manual_seed(i))
         return out["images"], out["paste_masks"]
+
+
+# ------------------------------------------------------------------------------------------------
+# targets beyond masks: keypoints, panoptic maps, in-batch objects
+
+#: A 5-keypoint toy skeleton for synthetic tests (nose, then two left/right pairs).
+TOY_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_hand", "right_hand")
+TOY_FLIP = (0, 2, 1, 4, 3)
+
+
+def disk_crops(g: torch.Generator, b: int, k: int, s: int) -> torch.Tensor:
+    """uint8 ``[B, K, 4, S, S]``: random RGB, alpha 255 on a centred disk (radius 0.4 S), 0 outside."""
+    crops = torch.randint(0, 256, (b, k, 4, s, s), dtype=torch.uint8, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    disk = (yy - s / 2 + 0.5) ** 2 + (xx - s / 2 + 0.5) ** 2 <= (0.4 * s) ** 2
+    crops[:, :, 3] = torch.where(disk, 255, 0).to(torch.uint8)
+    return crops
+
+
+def synthetic_keypoints(g: torch.Generator, shape: tuple, width: float, height: float, spill: float = 0.0):
+    """float32 ``[*shape, 3]`` synthetic keypoints: ``x, y`` uniform over ``[-spill, 1 + spill]`` of
+    ``width x height``, ``v`` uniform in {0, 1, 2} (``x = y = 0`` where 0, as COCO writes them)."""
+    xy = (torch.rand((*shape, 2), generator=g) * (1 + 2 * spill) - spill) * torch.tensor([width, height])
+    v = torch.randint(0, 3, shape, generator=g).float()
+    return torch.where((v > 0)[..., None], torch.cat([xy, v[..., None]], dim=-1), 0.0)
+
+
+def keypoint_bank_batch(g: torch.Generator, b: int, k: int, s: int, num_classes: int = 5, flip=TOY_FLIP):
+    """A ``BankBatch`` of disk crops with synthetic keypoints (crop pixels, some outside the canvas),
+    geometry of an object of ``S x S`` source pixels filling the canvas."""
+    from instbank.types import BankBatch
+
+    return BankBatch(
+        pixels=disk_crops(g, b, k, s),
+        class_ids=torch.randint(0, num_classes, (b, k), generator=g),
+        indices=torch.arange(b * k).view(b, k),
+        src_box=torch.tensor([0.0, 0.0, s, s]).expand(b, k, 4).clone(),
+        scale=torch.ones((b, k)),
+        offset=torch.zeros((b, k, 2)),
+        num_classes=num_classes,
+        keypoints=synthetic_keypoints(g, (b, k, len(flip)), s, s, spill=0.1),
+        keypoint_flip=torch.tensor(flip),
+    )
+
+
+def instance_masks(g: torch.Generator, b: int, n: int, h: int, w: int) -> torch.Tensor:
+    """bool ``[B, N, H, W]``: each instance a random rectangle, 80% of its pixels set (holes keep
+    the tight box and the mask apart), one in seven empty."""
+    masks = torch.zeros((b, n, h, w), dtype=torch.bool)
+    for i in range(b):
+        for j in range(n):
+            if torch.rand((), generator=g) < 1 / 7:
+                continue
+            x0, y0 = (int(torch.randint(0, m - 3, (), generator=g)) for m in (w, h))
+            x1 = min(w, x0 + int(torch.randint(2, w // 2, (), generator=g)))
+            y1 = min(h, y0 + int(torch.randint(2, h // 2, (), generator=g)))
+            masks[i, j, y0:y1, x0:x1] = torch.rand((y1 - y0, x1 - x0), generator=g) < 0.8
+    return masks
+
+
+def triton_targets():
+    """``instbank.paste.triton_targets``, under the Triton interpreter when there is no GPU; skips
+    the test without Triton."""
+    import os
+
+    import pytest
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the module's kernels are decorated (imported)
+    pytest.importorskip("triton", reason="triton is not installed (it ships for Linux x86-64 only)")
+    from instbank.paste import triton_targets as module
+
+    return module
+
+
+def triton_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -155,11 +155,14 @@ def test_missing_image_is_counted_and_strict_fails_without_manifest(tmp_path):
     ds = read_coco(ann, SAMPLE_COCO.parent / "images")
     report = build_bank(ds, tmp_path / "b", BuildConfig(size=16), workers=1)
     assert report.skipped["missing_image"] == 1
-    assert "does-not-exist.jpg" in report.skip_examples["missing_image"][0]
-    with pytest.raises(BuildError, match="strict"):
+    example = report.skip_examples["missing_image"][0]
+    assert example["file"].endswith("does-not-exist.jpg") and example["image_id"] == data["images"][0]["id"]
+    assert report.skipped_images == {"missing_image": 1}
+    on_it = sum(1 for a in data["annotations"] if a["image_id"] == data["images"][0]["id"] and not a["iscrowd"])
+    assert report.lost_instances == {"missing_image": on_it}
+    with pytest.raises(BuildError, match="strict"):  # found before anything is written
         build_bank(ds, tmp_path / "s", BuildConfig(size=16), workers=1, strict=True)
-    with pytest.raises(BankError, match="no manifest.json"):
-        open_bank(tmp_path / "s")
+    assert not (tmp_path / "s").exists()
 
 
 def test_second_build_into_same_dir_is_locked_out(tmp_path):

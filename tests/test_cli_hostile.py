@@ -61,9 +61,23 @@ def test_strict_stops_at_the_first_fault_before_the_rest_is_built(tmp_path):
     out = tmp_path / "b"
     proc = run_cli("build", "--coco", str(ann), "--images", str(SAMPLE_COCO.parent / "images"), "--out", str(out),
                    "--size", "16", "--strict", "--workers", "1", "--shard-images", "1", check=False)
-    assert_one_line_error(proc, "does-not-exist.jpg", "missing_image", "--strict stops at the first fault")
+    assert_one_line_error(proc, "does-not-exist.jpg (1 of 8 images are missing): missing_image", "--strict stops at the first fault")
+    assert not out.exists()  # found before anything was written
+
+
+def test_strict_stops_at_a_fault_found_while_cutting(tmp_path):
+    doc = json.loads(SAMPLE_COCO.read_text())
+    first = doc["images"][0]
+    ann = next(a for a in doc["annotations"] if a["image_id"] == first["id"] and not a["iscrowd"])
+    ann["segmentation"] = [[-50.0, -50.0, -40.0, -50.0, -40.0, -40.0]]  # wholly outside the image
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(doc))
+    out = tmp_path / "b"
+    proc = run_cli("build", "--coco", str(path), "--images", str(SAMPLE_COCO.parent / "images"), "--out", str(out),
+                   "--size", "16", "--strict", "--workers", "1", "--shard-images", "1", check=False)
+    assert_one_line_error(proc, f"(image id {first['id']}, annotation {ann['id']}): outside_image", "--strict stops")
     assert not (out / "manifest.json").exists()
-    assert len(list((out / "shards").glob("*/shard.json"))) == 0  # no shard finished: it stopped at once
+    assert not list((out / "shards").glob("*/shard.json"))  # it stopped in the first shard
 
 
 def test_strict_fails_on_faults_found_while_reading_before_writing(tmp_path):
@@ -117,3 +131,66 @@ def test_output_off_a_terminal_is_never_wrapped(tmp_path):
     on_disk = next(line for line in stats if line.startswith("on disk"))
     assert "codec raw" in on_disk and "{" not in on_disk
     assert all(line == line.rstrip() for line in stats[:10])
+
+
+def test_a_wrong_images_folder_fails_naming_it(tmp_path):
+    empty = tmp_path / "not-the-images"
+    empty.mkdir()
+    out = tmp_path / "b"
+    proc = run_cli("build", "--coco", str(SAMPLE_COCO), "--images", str(empty), "--out", str(out), check=False)
+    assert_one_line_error(proc, f"{empty}: 8 of 8 images are missing, e.g. {empty}/", "is the images folder right?")
+    assert not out.exists()
+
+
+def test_a_few_missing_images_are_counted_with_their_instances(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    doc = json.loads(SAMPLE_COCO.read_text())
+    for im in doc["images"][1:]:  # all but the first: 1 of 8 missing, under the 50% threshold
+        (images / im["file_name"]).symlink_to(SAMPLE_COCO.parent / "images" / im["file_name"])
+    first = doc["images"][0]
+    on_first = sum(1 for a in doc["annotations"] if a["image_id"] == first["id"] and not a.get("iscrowd"))
+    out = tmp_path / "b"
+    proc = run_cli("build", "--coco", str(SAMPLE_COCO), "--images", str(images), "--out", str(out), "--size", "16",
+                   "--workers", "1", "--allow-outside-root")  # the links point outside `images`
+    assert f"skipped 1 image(s) (missing_image 1), with {on_first} instance(s) on them" in proc.stderr
+    assert f"missing_image: {images / first['file_name']} (image {first['id']}): " in proc.stderr
+    stats = json.loads(run_cli("stats", str(out), "--json").stdout)
+    assert stats["skipped_images"] == {"missing_image": 1} and stats["lost_instances"] == {"missing_image": on_first}
+    assert stats["skip_examples"]["missing_image"][0]["image_id"] == first["id"]
+    proc = run_cli("build", "--coco", str(SAMPLE_COCO), "--images", str(images), "--out", str(tmp_path / "c"),
+                   "--size", "16", "--max-missing-images", "0.1", "--allow-outside-root", check=False)
+    assert_one_line_error(proc, "1 of 8 images are missing", "--max-missing-images allows 10%")
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_image_paths_must_stay_inside_the_images_folder(tmp_path, how):
+    images = tmp_path / "images"
+    images.mkdir()
+    doc = json.loads(SAMPLE_COCO.read_text())
+    for im in doc["images"]:
+        (images / im["file_name"]).write_bytes((SAMPLE_COCO.parent / "images" / im["file_name"]).read_bytes())
+    secret = tmp_path / "secret.jpg"  # a file the annotations must not be able to make us read
+    secret.write_bytes((SAMPLE_COCO.parent / "images" / doc["images"][0]["file_name"]).read_bytes())
+    hostile = doc["images"][0]
+    if how == "dotdot":
+        hostile["file_name"] = "../secret.jpg"
+    elif how == "absolute":
+        hostile["file_name"] = str(secret)
+    else:
+        (images / hostile["file_name"]).unlink()
+        (images / hostile["file_name"]).symlink_to(secret)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(doc))
+    out = tmp_path / "b"
+    proc = run_cli("build", "--coco", str(ann), "--images", str(images), "--out", str(out), "--size", "16", "--workers", "1")
+    assert "skipped 1 image(s) (outside_root 1)" in proc.stderr, proc.stderr
+    assert f"outside_root: " in proc.stderr and f"resolves to {secret}" in proc.stderr
+    meta = json.loads(run_cli("stats", str(out), "--json").stdout)
+    assert meta["num_images"] == 7  # the hostile image's crops are not in the bank
+    proc = run_cli("build", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "c"), "--size", "16",
+                   "--workers", "1", "--allow-outside-root")
+    assert "outside_root" not in proc.stderr
+    proc = run_cli("build", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "d"), "--size", "16",
+                   "--strict", check=False)
+    assert_one_line_error(proc, "outside_root", "--strict")

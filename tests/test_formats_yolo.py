@@ -111,14 +111,17 @@ def shared(name: str) -> Path:
     return SHARED / name
 
 
-def test_coco8_seg_directory_names_classes_seen():
+def test_coco8_seg_directory_keeps_yolo_ids_as_bank_ids():
     root = shared("coco8-seg")
     ds = read_yolo(root)
     label_files = list((root / "labels").rglob("*.txt"))
     seen = sorted({int(line.split()[0]) for f in label_files for line in f.read_text().splitlines() if line.strip()})
     assert len(ds.images) == 8 and ds.num_instances == count_lines(label_files) == 30
-    assert [(c.id, c.source_id, c.name) for c in ds.classes] == [(i, s, f"class{s}") for i, s in enumerate(seen)]
-    assert len(seen) == 12 and "12 class indices seen" in ds.notes[0]
+    # Without a data.yaml the YOLO index is the bank id (class 16 stays 16), unused ids are empty
+    # classes, and the reader says so: pasted labels keep matching the user's own labels.
+    assert [(c.id, c.source_id, c.name) for c in ds.classes] == [(i, i, f"class{i}") for i in range(max(seen) + 1)]
+    assert {r.class_id for im in ds.images for r in im.instances} == set(seen)
+    assert len(seen) == 12 and "kept as bank ids 0..75, named class<index> (64 of them unused)" in ds.notes[0]
     assert not ds.skipped
 
 
@@ -295,11 +298,11 @@ def test_missing_path_is_an_error(tmp_path):
     assert_one_line_naming(e, tmp_path / "nope.yaml")
 
 
-def test_class_ids_without_names_are_contiguous_over_indices_seen(tmp_path):
+def test_class_ids_without_names_are_the_yolo_indices(tmp_path):
     make(tmp_path, ["images/a.jpg"], {"labels/a.txt": f"7 {TRIANGLE}\n2 {TRIANGLE}\n7 {TRIANGLE}\n"})
     ds = read_yolo(tmp_path)
-    assert [(c.id, c.source_id, c.name) for c in ds.classes] == [(0, 2, "class2"), (1, 7, "class7")]
-    assert [i.class_id for i in instances(ds)] == [1, 0, 1]
+    assert [(c.id, c.source_id, c.name) for c in ds.classes] == [(i, i, f"class{i}") for i in range(8)]
+    assert [i.class_id for i in instances(ds)] == [7, 2, 7]
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def test_yaml_nc_without_names_and_neither(tmp_path):
     ds = read_yolo(write_yaml(tmp_path, {"train": "images", "nc": 3}))
     assert [c.name for c in ds.classes] == ["class0", "class1", "class2"]
     ds = read_yolo(write_yaml(tmp_path, {"train": "images"}))
-    assert [(c.id, c.source_id) for c in ds.classes] == [(0, 1)] and "class indices seen" in ds.notes[0]
+    assert [(c.id, c.source_id) for c in ds.classes] == [(0, 0), (1, 1)] and "kept as bank ids 0..1" in ds.notes[0]
 
 
 def test_yaml_txt_list_split_and_duplicates_read_once(tmp_path):

@@ -86,7 +86,7 @@ def test_broken_images_are_counted_skips(tmp_path, name, content, reason):
     ann = _write_coco(tmp_path, {name: (W, H), "ok.jpg": (W, H)})
     report = build_bank(read_coco(ann, tmp_path), tmp_path / "b", BuildConfig(size=16), workers=1)
     assert report.skipped == {reason: 1} and report.num_crops == 1
-    assert name in report.skip_examples[reason][0]
+    assert report.skip_examples[reason][0]["file"].endswith(name)
     with pytest.raises(ImageSkip) as e:
         decode_image(str(tmp_path / name))
     assert e.value.reason == reason and "\n" not in str(e.value) and name in str(e.value)
@@ -127,4 +127,5 @@ def test_size_mismatch_follows_the_file_and_warns(tmp_path):
     report = build_bank(read_coco(ann, tmp_path), tmp_path / "b", BuildConfig(size=16), workers=1)
     assert report.num_crops == 1 and not report.skipped
     assert any("differ in size" in n for n in report.notes)
-    assert "a.png: file is 60x40, annotations say 120x80" in report.skip_examples["size_mismatch"][0]
+    example = report.skip_examples["size_mismatch"][0]
+    assert example["file"].endswith("a.png") and example["detail"] == "file is 60x40, annotations say 120x80"

@@ -106,23 +106,37 @@ def test_auto_picks_numba_on_cpu_and_paste_matches_the_reference():
 
 
 @pytest.mark.parametrize("blend", ["hard", "gaussian"])
-def test_bank_copy_paste_cpu_path_matches_the_reference(blend):
-    """The module's in-rectangle CPU path (composite + annotations) with either impl: same dict."""
+@pytest.mark.parametrize("form", ["u8+box+valid", "u8", "bool+box", "bool+valid"])
+def test_bank_copy_paste_cpu_path_matches_the_reference(blend, form):
+    """The module's in-rectangle CPU path (composite + annotations) with either impl: the same
+    dict, for each way of passing the existing instances (masks uint8 with any non-zero value or
+    bool; boxes and valid given or derived), with padding entries (empty masks, valid False) and a
+    semantic map."""
     g = torch.Generator().manual_seed(0)
     crops = random_crops(g, 3, 5, 24)
     packed = torch.cat([crops, torch.arange(15).view(3, 5, 1, 1, 1).expand(3, 5, 1, 24, 24).byte()], dim=2)
     images = torch.randint(0, 256, (3, 3, 61, 47), dtype=torch.uint8, generator=g)
-    masks = torch.rand((3, 2, 61, 47), generator=g) < 0.3
-    labels = torch.ones((3, 2), dtype=torch.int64)
+    masks = torch.zeros((3, 4, 61, 47), dtype=torch.uint8)
+    masks[:, :2] = (torch.rand((3, 2, 61, 47), generator=g) < 0.3).to(torch.uint8) * 7
+    masks[0, 2, 5:40, 3:30] = 255
+    masks[1, 2, 10:12, 10:12] = 1  # entries 3 (and 2 of image 2): padding, empty
+    valid = masks.flatten(2).amax(dim=2) > 0
+    boxes = torch.tensor([10.0, 10.0, 20.0, 20.0]).expand(3, 4, 4).clone()  # loose: kept where untouched
+    semantic = torch.randint(0, 20, (3, 61, 47), generator=g)
+    labels = torch.arange(12).view(3, 4)
     results = []
     for impl in ("numba", "torch"):
         module = BankCopyPaste(impl=impl, blend=blend, scale_range=(0.3, 0.9), min_visible=0.2)
         module.set_bank_batch(packed)
-        results.append(module(images, masks, labels=labels, generator=torch.Generator().manual_seed(1)))
+        results.append(module(
+            images, masks.bool() if form.startswith("bool") else masks, boxes if "+box" in form else None, labels,
+            valid if "+valid" in form else None, semantic, generator=torch.Generator().manual_seed(1),
+        ))
     fast, slow = results
-    for key in ("images", "masks", "boxes", "labels", "valid", "paste_masks", "paste_boxes", "paste_valid"):
-        assert torch.equal(fast[key], slow[key]), key
-    assert fast["paste_masks"].any()
+    for key in ("images", "masks", "boxes", "labels", "valid", "semantic", "paste_masks", "paste_boxes", "paste_valid"):
+        assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), key
+    assert fast["paste_masks"].any() and (fast["boxes"][:, :4] != boxes).any()  # pastes cut and refit
+    assert not fast["valid"][:, 3].any()
 
 
 def test_rejects_images_off_cpu():

@@ -99,3 +99,31 @@ def test_cli_paste_demo(sample_coco_bank, tmp_path):
     assert_rich_png(tmp_path / "p.png", min_colours=300)
     bad = CliRunner().invoke(app, cmd)
     assert isinstance(bad.exception, InputError) and str(bad.exception) == "paste-demo: give --coco ANN.json or --images DIR"
+
+
+def test_render_demo_with_keypoints_panoptic_and_in_batch(sample_coco_bank, tmp_path):
+    """The targets beyond masks: synthetic person keypoints (the sample has none), a third panel with
+    the panoptic map, objects of the batch's other images."""
+    from instbank.paste_demo import main
+
+    result = render_paste_demo(sample_coco_bank.path, tmp_path / "t.png", coco=SAMPLE_COCO, n=2, k=3, canvas=160,
+                               keypoints=True, panoptic=True)
+    assert result.images == 2 and result.pasted > 0
+    width = Image.open(result.png).size[0]
+    assert width == 3 * 160 + 4 * 8  # three panels per row
+    assert_rich_png(result.png)
+    main([str(sample_coco_bank.path), "--coco", str(SAMPLE_COCO), "--out", str(tmp_path / "b.png"), "--n", "2",
+          "--k", "2", "--size", "128", "--in-batch", "1"])
+    assert Image.open(tmp_path / "b.png").size[0] == 2 * 128 + 3 * 8
+
+
+def test_synthetic_keypoints_follow_the_box_and_mask():
+    from instbank.paste_demo import PERSON_LAYOUT, synthetic_keypoints
+
+    mask = np.zeros((1, 40, 30), bool)
+    mask[0, 10:30, 5:25] = True
+    points = synthetic_keypoints(mask, np.array([[5.0, 10.0, 25.0, 50.0]]))
+    assert points.shape == (1, 17, 3)
+    assert points[0, 0, :2].tolist() == pytest.approx([5 + 20 * PERSON_LAYOUT[0][0], 10 + 40 * PERSON_LAYOUT[0][1]])
+    assert set(points[0, :, 2].tolist()) == {1.0, 2.0}  # ankles below the mask: labeled, not visible
+    assert (synthetic_keypoints(mask, np.zeros((1, 4))) == 0).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -127,23 +128,29 @@ def test_crops_of_the_image_colour_change_nothing(case, level):
 
 
 @SETTINGS
-@given(cases(), st.sampled_from([torch.bool, torch.uint8]), st.booleans(), st.booleans())
-def test_module_on_cpu_equals_the_whole_mask_building_blocks(case, mask_dtype, give_boxes, with_semantic):
-    """``BankCopyPaste`` on CPU works inside the pastes' rectangles; the same plan through
-    ``paste`` and the whole-mask annotation functions must give the same outputs."""
+@given(cases(), st.sampled_from([torch.bool, torch.uint8]), st.booleans(), st.booleans(), st.booleans(),
+       st.sampled_from(["torch", "numba"]))
+def test_module_on_cpu_equals_the_whole_mask_building_blocks(case, mask_dtype, give_boxes, give_valid, with_semantic,
+                                                              impl):
+    """``BankCopyPaste`` on CPU works inside the pastes' rectangles (numpy reference or numba
+    kernel); the same plan through ``paste`` and the whole-mask annotation functions must give the
+    same outputs, for every input form (boxes and valid given or not, bool or uint8 masks)."""
+    pytest.importorskip(impl if impl == "numba" else "torch")
     images, crops, _, padding, existing = case
     b, k = crops.shape[:2]
     g = torch.Generator().manual_seed(int(crops.sum()) + b * 7 + k)
     masks = existing.masks if mask_dtype == torch.bool else existing.masks.to(torch.uint8) * 255  # non-zero = set
     semantic = torch.randint(0, 300, images.shape[:1] + images.shape[2:], generator=g) if with_semantic else None
-    module = BankCopyPaste(impl="torch", scale_range=(0.1, 3.0), prob=0.7, min_visible=0.3)
+    module = BankCopyPaste(impl=impl, scale_range=(0.1, 3.0), max_upscale=None, prob=0.7, min_visible=0.3)
     class_plane = torch.randint(0, 9, (b, k, 1, 1, 1), generator=g).expand_as(crops[:, :, :1])
     module.set_bank_batch(torch.cat([crops, class_plane], dim=2))
     boxes = existing.boxes + 1.0 if give_boxes else None  # given boxes are kept where untouched
-    got = module(images, masks, boxes, existing.labels, None, semantic, padding, g)
+    valid = existing.valid & (existing.labels != 3) if give_valid else None  # given valid is kept where untouched
+    got = module(images, masks, boxes, existing.labels, valid, semantic, padding, g)
     plan = got["plan"]
     want_images, visible = paste(images, crops, plan, padding_mask=padding, impl="torch")
-    given = Instances(masks, existing.boxes + 1.0 if give_boxes else existing.boxes, existing.labels, existing.valid)
+    given = Instances(masks, existing.boxes + 1.0 if give_boxes else existing.boxes, existing.labels,
+                      valid if give_valid else existing.valid)
     kept = occlude_instances(given, visible.any(dim=1), 0.3)
     pasted = paste_instances(visible, plan, crops, 0.3)
     want = concat_instances(kept, pasted, mask_dtype)

@@ -41,8 +41,10 @@ def seeded(seed=7):
 
 
 def test_packed_tensor_and_bank_batch_give_the_same_result():
+    """Without the native-resolution bound (which a packed tensor, lacking source geometry, takes
+    from the crop size) both stagings give the same plan and outputs."""
     batch = bank_batch()
-    module = BankCopyPaste(scale_range=(0.2, 0.5))
+    module = BankCopyPaste(scale_range=(0.2, 0.5), max_upscale=None)
     module.set_bank_batch(batch)
     a = module(images(), generator=seeded())
     module.set_bank_batch(batch.packed())
@@ -111,6 +113,50 @@ def test_native_scale_keeps_the_source_size():
         source.sample((H, W), seeded())
 
 
+@pytest.mark.parametrize("scale_mode", ["relative", "native"])
+def test_default_placement_never_upscales_past_max_upscale(scale_mode):
+    """Objects 24 px long at source, 12 in the crop: with the defaults, no paste is larger than
+    1.5 x 24 px however large ``scale_range`` asks; draws below the bound keep their distribution
+    and ``plan.native_scale`` records the effective scale."""
+    big = (0.8, 1.0) if scale_mode == "relative" else (2.0, 4.0)  # 38..48 px / 2..4 x native
+    source = BankSource(scale_mode=scale_mode, scale_range=big)
+    source.set_bank_batch(bank_batch(b=4, k=8))
+    plan = source.sample((H, W), seeded()).plan
+    side = (plan.object_boxes[..., 2:] - plan.object_boxes[..., :2]).amax(dim=-1)
+    assert torch.allclose(side, torch.full_like(side, 1.5 * 24), rtol=1e-5)  # every draw above: at the bound
+    assert torch.allclose(plan.native_scale, side / 24, rtol=1e-5) and (plan.native_scale <= 1.5).all()
+    small = BankSource(scale_mode=scale_mode, scale_range=(0.2, 0.5) if scale_mode == "relative" else (0.3, 1.2))
+    small.set_bank_batch(bank_batch(b=4, k=8))
+    free = BankSource(small.config, max_upscale=None)
+    free.set_bank_batch(bank_batch(b=4, k=8))
+    a, b = small.sample((H, W), seeded()).plan, free.sample((H, W), seeded()).plan
+    assert torch.allclose(a.scale, b.scale) and torch.allclose(a.translate, b.translate)  # bound above the range
+
+
+def test_bound_straddling_the_range_draws_inside_it():
+    """Log-uniform in ``[lo, min(hi, bound)]``, not clamped after the draw: no mass piles up on the
+    bound. Objects 24 px at source in a 48-px-high target: ``f`` in 0.2..1.5 would reach 72 px;
+    the bound is 36 px, i.e. f <= 0.75."""
+    source = BankSource(scale_range=(0.2, 1.5))
+    source.set_bank_batch(bank_batch(b=64, k=8))
+    plan = source.sample((H, W), seeded()).plan
+    assert (plan.factor >= 0.2 - 1e-6).all() and (plan.factor <= 0.75 + 1e-6).all()
+    assert (plan.factor > 0.75 - 1e-4).float().mean() < 0.01  # clamping would put ~(log 2)/(log 7.5) = 34% there
+    logs = plan.factor.log()
+    median = logs.median().exp().item()
+    assert abs(median - (0.2 * 0.75) ** 0.5) < 0.03  # log-uniform: the median is the geometric mean
+
+
+def test_packed_crops_with_defaults_are_bounded_by_their_crop_size():
+    """A packed tensor has no source geometry: the defaults work (no error) and bound each paste
+    by 1.5 x its size in the crop (12 px here)."""
+    source = BankSource(scale_range=(0.5, 1.0))
+    source.set_bank_batch(bank_batch().packed())
+    plan = source.sample((H, W), seeded()).plan
+    side = (plan.object_boxes[..., 2:] - plan.object_boxes[..., :2]).amax(dim=-1)
+    assert torch.allclose(side, torch.full_like(side, 18.0), rtol=1e-5)
+
+
 def test_uint8_existing_masks_keep_their_dtype_and_padding_is_respected():
     module = BankCopyPaste(scale_range=(0.3, 0.6))
     module.set_bank_batch(bank_batch())
@@ -138,6 +184,9 @@ def test_errors_are_clear():
         CopyPasteConfig(scale_range=(0.0, 1.0))
     with pytest.raises(ValueError, match="blend"):
         CopyPasteConfig(blend="poisson")
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="max_upscale"):
+            CopyPasteConfig(max_upscale=bad)
     module.set_bank_batch(bank_batch())
     with pytest.raises(ValueError, match="labels are required"):
         module(images(), masks=torch.zeros(2, 1, H, W, dtype=torch.bool))

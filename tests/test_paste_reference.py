@@ -311,6 +311,32 @@ def test_gaussian_blend_blurs_per_paste_and_sigma_zero_is_identity():
     assert blurred.sum().item() == pytest.approx(crops[0, 1, 3].float().sum().item(), rel=0.02)
 
 
+def test_cpu_gaussian_blur_inside_the_grown_support_equals_the_whole_canvas():
+    """On CPU each crop is filtered only over its non-zero alpha's box grown by the radius: the
+    same values as filtering the whole canvas (zeros read beyond the box either way)."""
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    g = torch.Generator().manual_seed(4)
+    alpha = torch.zeros((2, 4, 37, 37), dtype=torch.uint8)
+    alpha[0, 0, 3:9, 30:36] = 255  # near a corner: the grown box is clipped to the canvas
+    alpha[0, 1, 15:20, 2:35] = torch.randint(1, 256, (5, 33), dtype=torch.uint8, generator=g)
+    alpha[1, 0] = torch.randint(0, 256, (37, 37), dtype=torch.uint8, generator=g)  # everywhere
+    alpha[1, 1, 18, 18] = 200  # one pixel; alpha[1, 2:] stays empty
+    sigma = torch.tensor([[0.0, 1.5, 2.9, 1.0], [3.0, 0.7, 2.0, 1.0]])
+    got = prepare_alpha(torch.cat([alpha[:, :, None].expand(2, 4, 3, 37, 37), alpha[:, :, None]], 2),
+                        make_plan([[[0, 0]] * 4] * 2, [[1.0] * 4] * 2, s=37, blend="gaussian", sigma=sigma.tolist()))
+    radius = math.ceil(3 * 3.0)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
+    for b, k in [(b, k) for b in range(2) for k in range(4)]:
+        s = float(sigma[b, k])
+        taps = np.exp(-0.5 * (offsets / (s if s > 0 else 1e-6)) ** 2).astype(np.float32)
+        taps /= taps.sum()
+        whole = cv2.sepFilter2D(alpha[b, k].numpy(), cv2.CV_32F, taps, taps, borderType=cv2.BORDER_CONSTANT)
+        assert np.array_equal(got[b, k, 3].numpy(), (whole + np.float32(0.5)).astype(np.uint8)), (b, k)
+    assert torch.equal(got[0, 0, 3], alpha[0, 0])  # sigma 0: unchanged
+
+
 def test_gaussian_blend_matmul_and_convolution_paths_agree():
     # radius 1: crops up to 8 * 3 = 24 px blur by banded matmul, larger ones by convolution
     small = torch.zeros((1, 1, 4, 20, 20), dtype=torch.uint8)
@@ -372,6 +398,53 @@ def test_native_scale_is_relative_to_the_source_size():
     assert torch.allclose(width, torch.full_like(width, 64.0))
     with pytest.raises(ValueError, match="native"):
         draw_plan(square_geometry(1, 1, 8, [0.0, 0.0, 8.0, 8.0]), (8, 8), scale_mode="native")
+
+
+@pytest.mark.parametrize("scale_mode", ["relative", "native"])
+def test_max_upscale_bounds_the_draw_in_both_modes(scale_mode):
+    """Objects of 10 px at source (32 px in the crop): never pasted above 1.5 x 10 px; the draw
+    happens inside the bound (log-uniform in [lo, min(hi, bound)]), not clamped after it; without
+    source geometry the crop's 32 px are the native size."""
+    geometry = square_geometry(64, 8, 32, [0.0, 8.0, 32.0, 24.0], source_side=10)
+    scale_range = (0.02, 0.2) if scale_mode == "relative" else (0.5, 3.0)  # 2..20 px / 5..30 px
+    plan = draw_plan(geometry, (100, 100), torch.Generator().manual_seed(3), scale_range=scale_range,
+                     scale_mode=scale_mode)
+    side = plan.object_boxes[..., 2] - plan.object_boxes[..., 0]
+    assert (side <= 15.0 * (1 + 1e-5)).all() and (side >= (2.0 if scale_mode == "relative" else 5.0) - 1e-4).all()
+    assert torch.allclose(plan.native_scale, side / 10, rtol=1e-5)
+    assert (plan.native_scale >= 1.5 * (1 - 1e-5)).float().mean() < 0.02  # no pile at the bound
+    free = draw_plan(geometry, (100, 100), torch.Generator().manual_seed(3), scale_range=scale_range,
+                     scale_mode=scale_mode, max_upscale=None)
+    assert ((free.object_boxes[..., 2] - free.object_boxes[..., 0]) > 15.5).any()
+    low = draw_plan(geometry, (100, 100), torch.Generator().manual_seed(3), scale_range=(1.0, 2.0) if
+                    scale_mode == "native" else (0.2, 0.3), scale_mode=scale_mode, max_upscale=0.8)
+    assert torch.allclose(low.native_scale, torch.full_like(low.native_scale, 0.8))  # bound below lo: at it
+    unknown = draw_plan(CropGeometry(geometry.class_ids, 32, geometry.object_box), (100, 100),
+                        torch.Generator().manual_seed(3), scale_range=(0.2, 0.9))
+    assert (unknown.native_scale <= 1.5 * (1 + 1e-6)).all() and (unknown.scale <= 1.5 * (1 + 1e-6)).all()
+
+
+def test_plan_arithmetic_is_the_same_in_torch_and_numpy(monkeypatch):
+    """``draw_plan`` runs its arithmetic in numpy on CPU and in torch elsewhere: on the same drawn
+    numbers both give the same plan (to float32 rounding of exp/log)."""
+    from instbank.paste import plan as plan_module
+
+    geometry = square_geometry(3, 7, 32, [4.0, 0.0, 28.0, 32.0], source_side=50)
+    padding = torch.zeros((3, 40, 60), dtype=torch.bool)
+    padding[:, 30:] = True
+    plans = []
+    for torch_on_cpu in (False, True):
+        if torch_on_cpu:
+            monkeypatch.setattr(plan_module, "_namespace", lambda device: (torch, (lambda t: t), (lambda t: t)))
+        for mode in ("relative", "native"):
+            plans.append(draw_plan(geometry, (40, 60), torch.Generator().manual_seed(5), scale_mode=mode, prob=0.7,
+                                   scale_range=(0.2, 2.0), padding_mask=padding, blend="gaussian"))
+    for numpy_plan, torch_plan in zip(plans[:2], plans[2:]):
+        for name in ("apply", "flip", "labels"):
+            assert torch.equal(getattr(numpy_plan, name), getattr(torch_plan, name)), name
+        for name in ("scale", "inv_scale", "translate", "sigma", "canvas_boxes", "object_boxes", "factor", "native_scale"):
+            a, b = getattr(numpy_plan, name), getattr(torch_plan, name)
+            assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-5), name
 
 
 def test_object_centres_fall_inside_the_valid_region_and_flip_mirrors_the_object_box():

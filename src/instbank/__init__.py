@@ -9,8 +9,9 @@ from instbank.version import __version__
 __all__ = ["open_bank", "InstbankError", "InputError", "BankError", "BuildError", "__version__"]
 
 
-def open_bank(path):
-    """Open the bank at ``path`` (any backend); see :func:`instbank.storage.open_bank`."""
+def open_bank(path, cache=None):
+    """Open the bank at ``path`` (any backend; a directory or a URL, pulled into the local
+    directory ``cache`` first when given); see :func:`instbank.storage.open_bank`."""
     from instbank.storage import open_bank as _open_bank
 
-    return _open_bank(path)
+    return _open_bank(path, cache=cache)

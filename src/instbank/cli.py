@@ -73,6 +73,9 @@ _BUILD_DEFAULTS: dict[str, Any] = {
     "class_map": None,
     "min_predicted_iou": 0.0,
     "min_stability_score": 0.0,
+    "max_missing_images": 0.5,
+    "max_image_pixels": 1 << 29,
+    "allow_outside_root": False,
 }
 
 
@@ -111,7 +114,7 @@ def build(
     yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO-seg data.yaml or a dir with images/ and labels/."),
     sa1b: Optional[Path] = typer.Option(None, "--sa1b", help="SA-1B directory: sa_*.json beside sa_*.jpg (subdirectories too)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --coco or --sa1b (default: guessed / beside each json)."),
-    out: Path = typer.Option(..., "--out", help="Bank directory to write."),
+    out: str = typer.Option(..., "--out", metavar="<path>", help="Bank directory or URL (s3://bucket/bank, any fsspec URL) to write."),
     backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset (default: memmap)"),
     size: Optional[int] = typer.Option(None, "--size", help="Crop side S in pixels (default: 128)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)."),
@@ -133,6 +136,12 @@ def build(
     min_stability_score: Optional[float] = typer.Option(None, "--min-stability-score", help="--sa1b: keep masks with stability_score >= this (SAM used 0.95)."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O",
                                                        help="Backend writer option KEY=VALUE, e.g. level=9, filter=none, maxcount=10000."),
+    max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", min=0,
+                                                   help="Skip images with more pixels, read from the header before decoding (default: 2**29; 0: no limit)."),
+    max_missing_images: Optional[float] = typer.Option(None, "--max-missing-images", min=0.0, max=1.0,
+                                                       help="Fail before building when more of the images are missing (default: 0.5)."),
+    allow_outside_root: Optional[bool] = typer.Option(None, "--allow-outside-root/--inside-root-only",
+                                                      help="Read images whose path leaves the images folder (.., absolute, symlinks)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
     resume: bool = typer.Option(False, "--resume", help="Keep finished shards of an interrupted build."),
@@ -175,6 +184,7 @@ def build(
             filters=CropFilters(opts["min_area"], opts["min_side"], float(opts["max_aspect"]), bool(opts["skip_truncated"])),
             exif=opts["exif"],
             shard_images=opts["shard_images"],
+            max_image_pixels=opts["max_image_pixels"],
         )
     except ValueError as e:
         raise InputError(f"build: {e}") from None
@@ -208,23 +218,25 @@ def build(
     with build_progress(len(dataset.images)) as progress:
         report = build_bank(dataset, out, cfg, workers=opts["workers"], overwrite=overwrite, resume=resume,
                             strict=bool(opts["strict"]), engine=opts["engine"], engine_options=engine_options,
-                            progress=progress)
+                            progress=progress, max_missing=float(opts["max_missing_images"]),
+                            allow_outside_root=bool(opts["allow_outside_root"]))
     _print_report(report)
 
 
 def _print_report(report) -> None:
     from instbank.progress import console as make_console
+    from instbank.stats import example_line, skip_lines
 
     console = make_console(stderr=True)
     console.print(f"[bold]bank[/bold] {report.out}  [bold]version[/bold] {report.version}")
     console.print(f"kept {report.num_crops} crops from {report.num_images} images in {report.num_shards} shard(s)"
                   + (f" ({report.reused_shards} reused)" if report.reused_shards else "")
                   + f", {report.seconds:.1f}s, {report.crops_per_s:.0f} crops/s")
-    if report.skipped:
-        console.print(f"skipped {sum(report.skipped.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())))
-        for reason, items in sorted(report.skip_examples.items()):
-            for item in items[:2]:
-                console.print(f"  {reason}: {item}", markup=False)
+    for line in skip_lines(report.skipped, report.skipped_images, report.lost_instances):
+        console.print(line, markup=False)
+    for reason, items in sorted(report.skip_examples.items()):
+        for item in items[:2]:
+            console.print("  " + example_line(reason, item), markup=False)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
 
@@ -232,7 +244,7 @@ def _print_report(report) -> None:
 @app.command()
 @_interruptible
 def stats(
-    bank: Path = typer.Argument(..., help="Bank directory."),
+    bank: str = typer.Argument(..., help="Bank directory or URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG of class and size plots."),
     top: int = typer.Option(10, "--top", help="Classes to list at the head and tail."),
@@ -302,8 +314,8 @@ def paste_demo(
 @app.command()
 @_interruptible
 def convert(
-    src: Path = typer.Argument(..., help="Bank to read."),
-    dst: Path = typer.Argument(..., help="Bank directory to write."),
+    src: str = typer.Argument(..., help="Bank to read (a directory or URL)."),
+    dst: str = typer.Argument(..., help="Bank directory or URL to write."),
     backend: Optional[str] = typer.Option(None, "--backend", help="memmap | lmdb | webdataset (default: the source's)."),
     codec: Optional[str] = typer.Option(None, "--codec", help=f"Backend codec: {_CODECS_HELP}."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O", help="Backend writer option KEY=VALUE."),
@@ -326,7 +338,7 @@ def convert(
 
 @app.command()
 @_interruptible
-def verify(bank: Path = typer.Argument(..., help="Bank directory.")) -> None:
+def verify(bank: str = typer.Argument(..., help="Bank directory or URL.")) -> None:
     """Recompute every crop digest and the content hash; exit 1 naming the crop/shard at fault."""
     from instbank.progress import count_progress
     from instbank.storage.verify import verify_bank
@@ -347,8 +359,8 @@ def verify(bank: Path = typer.Argument(..., help="Bank directory.")) -> None:
 @app.command()
 @_interruptible
 def merge(
-    banks: list[Path] = typer.Argument(..., help="Banks to concatenate, in order."),
-    out: Path = typer.Option(..., "--out", help="Bank directory to write."),
+    banks: list[str] = typer.Argument(..., help="Banks to concatenate, in order (directories or URLs)."),
+    out: str = typer.Option(..., "--out", metavar="<path>", help="Bank directory or URL to write."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Backend of the result (default: the first bank's)."),
     shard_crops: Optional[int] = typer.Option(None, "--shard-crops", min=1, help="Crops per output shard (default: one per input shard)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank at --out."),
@@ -364,6 +376,25 @@ def merge(
     with count_progress(total, "merging") as progress:
         manifest = merge_banks(banks, out, backend=backend, overwrite=overwrite, shard_crops=shard_crops, progress=progress)
     _err(f"wrote {out}: {manifest['num_crops']} crops, {manifest['num_classes']} classes, version {manifest['version']}")
+
+
+@app.command()
+@_interruptible
+def pull(
+    url: str = typer.Argument(..., help="Bank URL: s3://bucket/bank, gs://..., any fsspec URL."),
+    dest: Path = typer.Argument(..., help="Local directory to copy it into."),
+) -> None:
+    """Copy a bank from object storage to a local directory, every crop checked against its digest
+    and the content hash (memmap and LMDB banks are read from disk); rerun to resume."""
+    from instbank.progress import count_progress
+    from instbank.storage import load_manifest
+    from instbank.storage.pull import pull_bank
+
+    total = load_manifest(url)["num_crops"]
+    with count_progress(total, "pulling") as progress:
+        manifest, reused = pull_bank(url, dest, progress=progress)
+    kept = f" ({reused} of {len(manifest['shards'])} shards already there)" if reused else ""
+    _err(f"pulled {url} to {dest}: {manifest['num_crops']} crops, version {manifest['version']}{kept}")
 
 
 def _backend_options(codec: Optional[str], pairs: Optional[list[str]]) -> dict[str, Any]:

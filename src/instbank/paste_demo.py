@@ -11,6 +11,20 @@ lost pixels to a paste shows its cut mask and refit box, with the box it had bef
 that fell under ``min_visible`` is drawn as a dashed grey box marked "dropped"; pasted objects are
 labelled "+name".
 
+Targets beyond masks (``render_paste_demo`` options; ``python -m instbank.paste_demo --help``):
+
+- ``keypoints``: persons carry COCO's 17 person keypoints, drawn with the skeleton (the person's
+  left side orange, right side blue; filled dots visible, hollow ones labeled but not visible).
+  The bank's own when it has them; otherwise (no keypoints are in the sample) **synthetic**: a
+  standing person's layout stretched over each person's box, ``v = 2`` where the person's mask
+  holds the point, else 1 (``synthetic_keypoints``), so the picture shows the geometry (a flip
+  swaps the colours' sides; a paste turns covered points hollow), not a real pose.
+- ``panoptic``: a third panel per row, the panoptic map after the paste (each instance a thing
+  segment ``class * 1000 + n``, the rest one stuff segment, padding void; a colour per segment,
+  new segments outlined in white).
+- ``in_batch``: the share of paste slots that take an object of another image of the batch
+  instead of a bank crop.
+
 Pixels drawn with Pillow and OpenCV (mask outlines); the paste itself is ``instbank.paste``.
 """
 
@@ -192,21 +206,26 @@ def letterbox_batch(images: list[DemoImage], canvas: int = CANVAS) -> Batch:
                  torch.from_numpy(masks), torch.from_numpy(labels), torch.from_numpy(valid), sizes)
 
 
-def paste_batch(bank, batch: Batch, k: int, seed: int, **config) -> dict:
-    """Stage ``k`` class-balanced crops per image (``BankSampler`` + ``BankStaging``) and run
-    ``BankCopyPaste`` on ``batch``; ``config``: ``CopyPasteConfig`` fields. Returns its output dict."""
+def paste_batch(bank, batch: Batch, k: int, seed: int, *, panoptic_map=None, keypoints=None, keypoint_flip=None,
+                bank_batch=None, **config) -> dict:
+    """Stage ``k`` class-balanced crops per image (``BankSampler`` + ``BankStaging``; or take
+    ``bank_batch``) and run ``BankCopyPaste`` on ``batch``, with the panoptic map ``[B, C, C]``
+    and the keypoints ``[B, N, J, 3]`` of its images when given; ``config``: ``CopyPasteConfig``
+    fields. Returns its output dict."""
     import torch
 
     from instbank.paste.module import BankCopyPaste, CopyPasteConfig
     from instbank.sampling import BankSampler, BankStaging
 
-    sampler = BankSampler(bank, len(batch.sizes), k, "class_balanced", seed, rank=0, world_size=1)
-    bank_batch = next(iter(BankStaging(bank, sampler, pin_memory=False)))
+    if bank_batch is None:
+        sampler = BankSampler(bank, len(batch.sizes), k, "class_balanced", seed, rank=0, world_size=1)
+        bank_batch = next(iter(BankStaging(bank, sampler, pin_memory=False)))
     module = BankCopyPaste(CopyPasteConfig(**config))
     module.set_bank_batch(bank_batch)
     generator = torch.Generator().manual_seed(seed)
     return module(batch.images, masks=batch.masks, labels=batch.labels, valid=batch.valid,
-                  padding_mask=batch.padding, generator=generator)
+                  padding_mask=batch.padding, generator=generator, keypoints=keypoints, panoptic=panoptic_map,
+                  keypoint_flip=keypoint_flip)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +312,11 @@ def row_panels(image: DemoImage, batch: Batch, result: dict, b: int, names: list
     boxes0 = boxes_from_masks(batch.masks[b])[0].numpy()  # what BankCopyPaste derives when no boxes are given
     left = _original_panel(image, batch, b, names, colors, boxes0)
     right, counts = _pasted_panel(batch, result, b, (names, bank_names), colors, boxes0)
+    if "keypoints" in result:
+        top = CAPTION + PAD
+        draw_keypoints(left, result["keypoints_before"][b][batch.valid[b]].numpy(), top)
+        shown = result["valid"][b].numpy()
+        draw_keypoints(right, result["keypoints"][b][shown].numpy(), top)
     return left, right, counts
 
 
@@ -328,6 +352,134 @@ def _pasted_panel(batch: Batch, result: dict, b: int, names: tuple[list[str], li
     return panel, (pasted, len(refit), len(dropped))
 
 
+# ------------------------------------------------------------------------------------------------
+# keypoints and panoptic maps
+
+#: A standing person's keypoints (COCO's 17, in order) in a unit box, facing the camera (the
+#: person's left is the image's right): the synthetic layout stretched over each object's box.
+PERSON_LAYOUT = (
+    (0.50, 0.08), (0.55, 0.06), (0.45, 0.06), (0.60, 0.08), (0.40, 0.08), (0.68, 0.22), (0.32, 0.22), (0.78, 0.38),
+    (0.22, 0.38), (0.82, 0.52), (0.18, 0.52), (0.60, 0.55), (0.40, 0.55), (0.60, 0.76), (0.40, 0.76), (0.60, 0.95),
+    (0.40, 0.95),
+)
+LEFT, RIGHT, MIDDLE = (255, 140, 0), (30, 144, 255), (250, 250, 250)
+
+
+def synthetic_keypoints(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """float32 ``[N, 17, 3]``: ``PERSON_LAYOUT`` over each box ``[N, 4]`` (``x0, y0, x1, y1``),
+    ``v = 2`` where the bool mask ``[N, H, W]`` holds the point, else 1; zeros for an empty box.
+    Synthetic: the sample has no keypoint annotations."""
+    layout = np.asarray(PERSON_LAYOUT, np.float32)
+    points = np.zeros((len(boxes), len(layout), 3), np.float32)
+    for i, (box, mask) in enumerate(zip(boxes, masks)):
+        if box[2] <= box[0] or box[3] <= box[1]:
+            continue
+        xy = box[:2] + layout * (box[2:] - box[:2])
+        px = np.clip(xy.astype(int), 0, np.asarray(mask.shape[::-1]) - 1)
+        points[i, :, :2] = xy
+        points[i, :, 2] = np.where(mask[px[:, 1], px[:, 0]], 2.0, 1.0)
+    return points
+
+
+def _targets(bank, batch: Batch, k: int, seed: int, keypoints: bool, panoptic: bool, num_classes: int) -> dict:
+    """``paste_batch`` keyword arguments for the demo's targets: the staged ``bank_batch`` (with
+    synthetic keypoints when the bank has none), the images' keypoints, the panoptic map and its
+    schema."""
+    import torch
+
+    from instbank.paste.keypoints import COCO_PERSON_KEYPOINTS, flip_permutation
+    from instbank.paste.panoptic import PanopticSchema
+    from instbank.sampling import BankSampler, BankStaging
+    from instbank.types import BankBatch
+
+    extra: dict = {}
+    person = list(bank.class_names).index("person") if "person" in bank.class_names else -1
+    if keypoints:
+        sampler = BankSampler(bank, len(batch.sizes), k, "class_balanced", seed, rank=0, world_size=1)
+        staged = next(iter(BankStaging(bank, sampler, pin_memory=False)))
+        extra["synthetic"] = staged.keypoints is None
+        if staged.keypoints is None:
+            alpha = staged.pixels[:, :, 3].numpy() >= 128
+            s = alpha.shape[-1]
+            box = torch.cat([staged.offset, staged.offset + (staged.src_box[..., 2:] - staged.src_box[..., :2])
+                             * staged.scale[..., None]], dim=-1).numpy()
+            box[staged.class_ids.numpy() != person] = 0  # persons only, as COCO annotates them
+            crop_kp = synthetic_keypoints(alpha.reshape(-1, s, s), box.reshape(-1, 4)).reshape(*alpha.shape[:2], 17, 3)
+            fields = {name: getattr(staged, name) for name in BankBatch._TENSORS[:6]}
+            staged = BankBatch(**fields, num_classes=staged.num_classes, keypoints=torch.from_numpy(crop_kp),
+                               keypoint_flip=torch.tensor(flip_permutation(COCO_PERSON_KEYPOINTS)))
+        from instbank.paste.annotations import boxes_from_masks
+
+        boxes = boxes_from_masks(batch.masks)[0].numpy()
+        boxes[(batch.labels.numpy() != person) | ~batch.valid.numpy()] = 0
+        masks = batch.masks.numpy()
+        points = np.stack([synthetic_keypoints(masks[b], boxes[b]) for b in range(len(boxes))])
+        extra.update(bank_batch=staged, keypoints=torch.from_numpy(points))
+    if panoptic:
+        maps = np.full((len(batch.sizes), *batch.padding.shape[1:]), num_classes * 1000, np.int32)
+        maps[batch.padding.numpy()] = -1
+        for b in range(len(batch.sizes)):
+            seen: dict[int, int] = {}
+            for i in np.flatnonzero(batch.valid[b].numpy()):
+                c = int(batch.labels[b, i])
+                seen[c] = seen.get(c, 0) + 1
+                maps[b][batch.masks[b, i].numpy()] = c * 1000 + seen[c]
+        extra.update(panoptic_map=torch.from_numpy(maps), panoptic=PanopticSchema(tuple(range(num_classes))))
+    return extra
+
+
+def draw_keypoints(panel: "Image.Image", points: np.ndarray, top: int) -> None:
+    """COCO person keypoints ``[M, 17, 3]`` (image pixels) onto ``panel`` (content from row ``top``):
+    skeleton lines between labeled points, a dot per labeled point, filled when visible (``v = 2``),
+    hollow when labeled but not visible; the person's left side orange, right side blue."""
+    from PIL import ImageDraw
+
+    from instbank.paste.keypoints import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
+
+    draw = ImageDraw.Draw(panel)
+    side = [LEFT if name.startswith("left_") else RIGHT if name.startswith("right_") else MIDDLE
+            for name in COCO_PERSON_KEYPOINTS]
+    for person in points:
+        xy = [(float(x), float(y) + top) for x, y, _ in person]
+        for a, b in COCO_PERSON_SKELETON:
+            if person[a - 1, 2] > 0 and person[b - 1, 2] > 0:
+                draw.line([xy[a - 1], xy[b - 1]], fill=side[b - 1] if side[a - 1] == side[b - 1] else MIDDLE, width=1)
+        for (x, y), v, color in zip(xy, person[:, 2], side):
+            if v > 0:
+                draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=color if v >= 2 else None, outline=color)
+
+
+def panoptic_panel(result: dict, batch: Batch, b: int, before: "torch.Tensor") -> "Image.Image":
+    """The panoptic map of image ``b`` after the paste: a colour per segment (stuff grey, void
+    black), each new segment outlined in white."""
+    import cv2
+    from PIL import Image, ImageDraw
+
+    h, w = batch.sizes[b]
+    painted = result["panoptic"][b, :h, :w].numpy()
+    segments = result["segments"]
+    ids = np.unique(painted)
+    colours = np.zeros((len(ids), 3), np.uint8)
+    for i, sid in enumerate(ids):
+        if sid >= 0:
+            colours[i] = PALETTE[int(sid) % 997 % len(PALETTE)] if sid % 1000 else (150, 150, 150)
+    rgb = colours[np.searchsorted(ids, painted)]
+    m = segments.num_existing
+    for sid, valid in zip(segments.ids[b, m:].tolist(), segments.valid[b, m:].tolist()):
+        if valid:
+            segment = (painted == sid).astype(np.uint8)
+            contours, _ = cv2.findContours(segment, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(rgb, contours, -1, (255, 255, 255), 1)
+    top = CAPTION + PAD
+    panel = Image.new("RGB", (batch.images.shape[-1], h + top), (255, 255, 255))
+    panel.paste(Image.fromarray(np.ascontiguousarray(rgb)), (0, top))
+    had = len([v for v in np.unique(before[b, :h, :w].numpy()) if v >= 0])
+    new = int(segments.valid[b, m:].sum())
+    ImageDraw.Draw(panel).text((0, 0), f"panoptic: {had} segments, +{new} new (outlined)", fill=(20, 20, 20),
+                               font=default_font(CAPTION))
+    return panel
+
+
 def _hwc(image: "torch.Tensor", h: int, w: int) -> np.ndarray:
     """uint8 ``[3, C, C]`` tensor -> ``[h, w, 3]`` numpy content (the padding cut off)."""
     return np.ascontiguousarray(image[:, :h, :w].permute(1, 2, 0).numpy())
@@ -343,10 +495,14 @@ def render_paste_demo(
     k: int = 6,
     seed: int = 0,
     canvas: int = CANVAS,
+    keypoints: bool = False,
+    panoptic: bool = False,
+    in_batch: float = 0.0,
 ) -> DemoResult:
     """Write the demo PNG for the bank at ``bank_path``: ``n`` images from ``coco`` (with their
     annotations; ``images`` is then the images folder, guessed when None) or from the folder
-    ``images``, ``k`` pastes each, all random draws from ``seed``."""
+    ``images``, ``k`` pastes each, all random draws from ``seed``; ``keypoints``, ``panoptic``,
+    ``in_batch``: see the module docstring."""
     from PIL import Image, ImageDraw
 
     from instbank.storage import open_bank
@@ -361,22 +517,65 @@ def render_paste_demo(
     else:
         raise ValueError("give coco (annotations json) or images (a folder of pictures)")
     batch = letterbox_batch(demo, canvas)
-    result = paste_batch(bank, batch, k, seed)
+    extra = _targets(bank, batch, k, seed, keypoints, panoptic, len(names))
+    synthetic = extra.pop("synthetic", False)
+    result = paste_batch(bank, batch, k, seed, in_batch=in_batch, **extra)
+    if keypoints:
+        result = {**result, "keypoints_before": extra["keypoints"]}
     rows = [row_panels(im, batch, result, b, names, list(bank.class_names)) for b, im in enumerate(demo)]
+    if panoptic:
+        rows = [(left, right, counts, panoptic_panel(result, batch, b, extra["panoptic_map"]))
+                for b, (left, right, counts) in enumerate(rows)]
     counts = np.sum([r[2] for r in rows], axis=0)
-    width = 2 * canvas + 3 * PAD
+    columns = 3 if panoptic else 2
+    width = columns * canvas + (columns + 1) * PAD
     header = CAPTION + 2 * PAD
-    height = header + sum(max(left.height, right.height) + PAD for left, right, _ in rows)
+    height = header + sum(max(left.height, right.height) + PAD for left, right, *_ in rows)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    draw.text((PAD, PAD), f"{bank.path.name} {bank.version}: original | BankCopyPaste, k={k} class-balanced crops "
-              f"per image, seed {seed}", fill=(20, 20, 20), font=default_font(CAPTION))
+    what = {0.0: f"k={k} class-balanced crops", 1.0: f"k={k} objects of another image of the batch"}.get(
+        in_batch, f"k={k} pastes, each from the batch with p={in_batch:g}, else from the bank")
+    notes = [" · synthetic keypoints" if synthetic else "",
+             " | panoptic map" if panoptic else ""]
+    draw.text((PAD, PAD), f"{bank.path.name} {bank.version}: original | BankCopyPaste, {what} per image, seed {seed}"
+              + "".join(notes), fill=(20, 20, 20), font=default_font(CAPTION))
     y = header
-    for left, right, _ in rows:
+    for left, right, _, *third in rows:
         sheet.paste(left, (PAD, y))
         sheet.paste(right, (2 * PAD + canvas, y))
+        if third:
+            sheet.paste(third[0], (3 * PAD + 2 * canvas, y))
         y += max(left.height, right.height) + PAD
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, optimize=True)
     return DemoResult(out, len(demo), len(demo) * k, int(counts[0]), int(counts[1]), int(counts[2]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m instbank.paste_demo BANK --coco ANN --out PNG [--keypoints] [--panoptic]
+    [--in-batch F]``: the demo with the targets beyond masks (``instbank paste-demo`` draws masks)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m instbank.paste_demo", description=main.__doc__.split("\n")[0])
+    parser.add_argument("bank")
+    parser.add_argument("--coco", required=True)
+    parser.add_argument("--images")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--k", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=CANVAS)
+    parser.add_argument("--keypoints", action="store_true",
+                        help="COCO person keypoints (synthetic if the bank has none)")
+    parser.add_argument("--panoptic", action="store_true", help="a third panel: the panoptic map after the paste")
+    parser.add_argument("--in-batch", type=float, default=0.0, help="share of pastes taken from the batch's own images")
+    args = parser.parse_args(argv)
+    result = render_paste_demo(args.bank, args.out, coco=args.coco, images=args.images, n=args.n, k=args.k,
+                               seed=args.seed, canvas=args.size, keypoints=args.keypoints, panoptic=args.panoptic,
+                               in_batch=args.in_batch)
+    print(f"wrote {result.summary()}")
+
+
+if __name__ == "__main__":
+    main()

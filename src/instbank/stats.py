@@ -13,15 +13,23 @@ SIZE_BUCKETS = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, 
 
 
 def _bytes_on_disk(path: Path) -> int:
+    from instbank.storage.url import RemotePath
+
+    if isinstance(path, RemotePath):  # a bank at a URL: the objects' sizes
+        from instbank.storage.remote import bytes_stored
+
+        return bytes_stored(path)
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def bank_stats(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able summary of the bank at ``path`` (any backend)."""
-    from instbank.storage import open_bank
+    from instbank.storage import get_backend, load_manifest
 
-    bank = open_bank(path)
-    m = bank.manifest
+    # The reader itself, not open_bank: only metadata is read, which a memmap or LMDB bank at a
+    # URL gives without being pulled.
+    m = load_manifest(path)
+    bank = get_backend(m["backend"]).Reader(path, m)
     meta = bank.meta_table
     freqs = bank.class_frequencies
     area = meta["area"].astype(np.float64)
@@ -52,7 +60,11 @@ def bank_stats(path: str | os.PathLike) -> dict[str, Any]:
         "num_shards": len(m["shards"]),
         "backend_options": m.get("backend_options", {}),
         "skipped": m.get("skipped", {}),
-        "build": {k: v for k, v in m.get("build", {}).items() if k not in ("skip_examples",)},
+        "skipped_images": m.get("build", {}).get("skipped_images", {}),
+        "lost_instances": m.get("build", {}).get("lost_instances", {}),
+        "skip_examples": m.get("build", {}).get("skip_examples", {}),
+        "build": {k: v for k, v in m.get("build", {}).items()
+                  if k not in ("skip_examples", "skipped_images", "lost_instances")},
     }
 
 
@@ -62,6 +74,33 @@ def _human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def skip_lines(skipped: dict[str, int], skipped_images: dict[str, int], lost: dict[str, int]) -> list[str]:
+    """The skip summary in words: images dropped whole (and the instances on them), then
+    instances dropped on their own."""
+    def listed(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+    instances = {k: v for k, v in skipped.items() if k not in skipped_images}
+    lines = []
+    if skipped_images:
+        lines.append(f"skipped {sum(skipped_images.values())} image(s) ({listed(skipped_images)}), "
+                     f"with {sum(lost.values())} instance(s) on them")
+    if instances:
+        lines.append(f"skipped {sum(instances.values())} instance(s) or file(s) ({listed(instances)})")
+    return lines
+
+
+def example_line(reason: str, example: Any) -> str:
+    """One skip example in words: ``reason: file (image 12, annotation 7): detail``."""
+    if not isinstance(example, dict):  # a bank written before examples were objects
+        return f"{reason}: {example}"
+    ids = [f"{name} {example[key]}" for name, key in (("image", "image_id"), ("annotation", "ann_id"))
+           if example.get(key) is not None]
+    where = f" ({', '.join(ids)})" if ids else ""
+    detail = f": {example['detail']}" if example.get("detail") else ""
+    return f"{reason}: {example.get('file')}{where}{detail}"
 
 
 def _codec_words(options: dict[str, Any]) -> str:
@@ -88,8 +127,10 @@ def print_stats(s: dict[str, Any], top: int = 10) -> None:
                  f"truncated {100 * s['truncated_fraction']:.1f}%, upscaled {100 * s['upscaled_fraction']:.1f}%"))
     if s["area_quantiles"]:
         head.append(("area quantiles", ", ".join(f"{k} {v:.0f}" for k, v in s["area_quantiles"].items()) + " px"))
-    skipped = s["skipped"]
-    head.append(("skipped", (f"{sum(skipped.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))) if skipped else "none"))
+    for k, line in enumerate(skip_lines(s["skipped"], s["skipped_images"], s["lost_instances"]) or ["nothing"]):
+        head.append(("skipped" if k == 0 else "", line.removeprefix("skipped ")))
+    for reason, items in sorted(s["skip_examples"].items()):
+        head.append(("", "  " + example_line(reason, items[0])))
     build = s["build"]
     head.append(("build", ", ".join(f"{k}={build[k]}" for k in ("source", "kind", "size", "backend", "workers", "exif") if k in build)))
     if build.get("filters"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import numpy as np
 
@@ -91,8 +91,11 @@ class Dataset:
 
     ``images`` are in a deterministic order (COCO: ascending image id; YOLO, SA-1B: sorted file names);
     ``classes`` are contiguous ids ``0..C-1`` in ascending ``source_id`` order; ``skipped`` counts
-    instances/images dropped while reading, by reason; ``notes`` are lines for the user (e.g. which
-    images directory was guessed).
+    instances/images dropped while reading, by reason, with up to ``MAX_SKIP_EXAMPLES`` examples
+    per reason in ``skip_examples`` (``SkipLog.example``); ``notes`` are lines for the user (e.g.
+    which images directory was guessed). ``images_root``: the folder image paths must resolve
+    inside (``None``: no such folder, e.g. image lists with absolute paths). ``lost_instances``:
+    instances dropped with their image, by the image's skip reason.
     """
 
     source: str
@@ -101,10 +104,52 @@ class Dataset:
     classes: list[ClassInfo]
     skipped: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    skip_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    images_root: str | None = None
+    lost_instances: Counter = field(default_factory=Counter)
 
     @property
     def num_instances(self) -> int:
         return sum(len(im.instances) for im in self.images)
+
+
+#: Examples kept per skip reason: enough to find the files, few enough to read.
+MAX_SKIP_EXAMPLES = 5
+
+
+class SkipLog:
+    """Skips counted by reason, each reason with its first ``MAX_SKIP_EXAMPLES`` examples.
+
+    An example is a JSON object: ``file`` (the file at fault: image, label file or annotation
+    json), ``image_id`` and ``ann_id`` (None where they do not apply or are malformed), ``detail``.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[dict[str, Any]]] = {}
+
+    @staticmethod
+    def example(file: str, image_id: Any = None, ann_id: Any = None, detail: str | None = None) -> dict[str, Any]:
+        ids = [v if isinstance(v, int) and not isinstance(v, bool) else None for v in (image_id, ann_id)]
+        return {"file": str(file), "image_id": ids[0], "ann_id": ids[1], "detail": detail}
+
+    def add(self, reason: str, file: str, image_id: Any = None, ann_id: Any = None, detail: str | None = None,
+            count: int = 1) -> None:
+        self.counts[reason] += count
+        self.keep(reason, self.example(file, image_id, ann_id, detail))
+
+    def keep(self, reason: str, example: dict[str, Any]) -> None:
+        """Keep ``example`` under ``reason`` if there is room (counting is the caller's)."""
+        items = self.examples.setdefault(reason, [])
+        if len(items) < MAX_SKIP_EXAMPLES:
+            items.append(example)
+
+    def update(self, counts: Mapping[str, int], examples: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Add another log's counts and examples (in order, still at most ``MAX_SKIP_EXAMPLES``)."""
+        self.counts.update(counts)
+        for reason, items in examples.items():
+            for item in items:
+                self.keep(reason, item)
 
 
 @dataclass(frozen=True)
@@ -177,6 +222,16 @@ class BankBatch:
     - ``scale``: float32 ``[B, K]`` crop pixels per source pixel
     - ``offset``: float32 ``[B, K, 2]`` crop-pixel offset of the object in the letterbox
     - ``num_classes``: size of the bank's class table (picks the packed dtype)
+
+    Keypoints, for banks that have them (both ``None`` otherwise):
+
+    - ``keypoints``: float32 ``[B, K, J, 3]``: ``x, y`` in crop pixel coordinates (``CropMeta``'s
+      mapping ``crop_xy = (src_xy - src_box[:2]) * scale + offset``, so they may lie outside the
+      canvas when the annotator placed them outside the mask) and COCO's visibility ``v``: 0 not
+      labeled (then ``x = y = 0``), 1 labeled but not visible, 2 visible
+    - ``keypoint_flip``: int64 ``[J]``: the slot each keypoint takes under a horizontal flip (COCO
+      person: ``left_eye <-> right_eye``, ...); ``arange(J)`` when the skeleton has no pairs. Must
+      be a permutation of ``0..J-1``: checked here when on CPU, where the sampler stages batches
     """
 
     pixels: "torch.Tensor"
@@ -186,11 +241,43 @@ class BankBatch:
     scale: "torch.Tensor"
     offset: "torch.Tensor"
     num_classes: int
+    keypoints: "torch.Tensor | None" = None
+    keypoint_flip: "torch.Tensor | None" = None
 
-    _TENSORS = ("pixels", "class_ids", "indices", "src_box", "scale", "offset")
+    _TENSORS = ("pixels", "class_ids", "indices", "src_box", "scale", "offset", "keypoints", "keypoint_flip")
+
+    def __post_init__(self) -> None:
+        if self.keypoints is None and self.keypoint_flip is None:
+            return
+        if self.keypoints is None or self.keypoint_flip is None:
+            raise ValueError("BankBatch: keypoints and keypoint_flip come together (both or neither)")
+        b, k = self.pixels.shape[:2]
+        shape = tuple(self.keypoints.shape)
+        if len(shape) != 4 or shape[:2] != (b, k) or shape[3] != 3:
+            raise ValueError(f"BankBatch.keypoints must be [B={b}, K={k}, J, 3], got {shape}")
+        self.check_keypoint_flip(self.keypoint_flip, shape[2], "BankBatch.keypoint_flip")
+
+    @staticmethod
+    def check_keypoint_flip(flip, j: int, name: str = "keypoint_flip") -> None:
+        """Raise ``ValueError`` unless ``flip`` (a tensor or a sequence of ints) has shape ``[j]``
+        and, when its values are on the host (a sequence or a CPU tensor), is a permutation of
+        ``0..j-1``. A tensor on another device is checked for shape only: reading it would wait
+        for the device."""
+        shape = tuple(flip.shape) if hasattr(flip, "shape") else (len(flip),)
+        if shape != (j,):
+            raise ValueError(f"{name} must be [J={j}], got {shape}")
+        device = getattr(flip, "device", None)
+        if device is not None and device.type != "cpu":
+            return
+        values = [int(v) for v in (flip.tolist() if hasattr(flip, "tolist") else flip)]
+        if sorted(values) != list(range(j)):
+            raise ValueError(f"{name} must be a permutation of 0..{j - 1}, got {values}")
 
     def _map(self, fn) -> BankBatch:
-        return BankBatch(**{name: fn(getattr(self, name)) for name in self._TENSORS}, num_classes=self.num_classes)
+        return BankBatch(
+            **{name: None if getattr(self, name) is None else fn(getattr(self, name)) for name in self._TENSORS},
+            num_classes=self.num_classes,
+        )
 
     def to(self, device, non_blocking: bool = True) -> BankBatch:
         """Copy every tensor to ``device``; asynchronous from pinned memory when ``non_blocking``."""
@@ -231,3 +318,4 @@ class BankBatch:
         out[:, :, :4] = self.pixels
         out[:, :, 4] = self.class_ids.to(chosen)[:, :, None, None]
         return out
+

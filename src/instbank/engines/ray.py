@@ -15,10 +15,11 @@ train2017; re-reading the source instead would re-parse the 448 MB train2017 jso
 Shard tasks are idempotent: ``ShardWriter`` clears an unfinished shard directory before writing,
 so a task that Ray retries after a lost worker, or a shard redone by ``--resume``, starts clean.
 
-On a cluster (``address=``), every node must see the image files and the bank directory at the
-same paths: a shared POSIX filesystem (NFS, Lustre, a FUSE mount). Object stores (``s3://``,
-``gs://``) are not written to directly: the writers use plain files, fsync, rename and (LMDB)
-mmap. See docs/scale-out.md.
+On a cluster (``address=``), every node must see the image files at the same paths. The bank
+is either a directory on a shared POSIX filesystem (NFS, Lustre, a FUSE mount), which tasks write
+into, or a URL (``s3://``, ``gs://``, any fsspec URL): each task then writes its shard into a
+temporary staging directory on its own node and uploads it (``shard.json`` last), and only the
+driver writes the manifest. See docs/scale-out.md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from instbank.engines.shard import BuildConfig, build_shard, opencv_single_threaded
 from instbank.errors import BuildError
 from instbank.storage.base import DIGEST_BYTES
+from instbank.storage.url import staged_destination, staged_marker, staged_shard
 from instbank.storage.writer import ShardResult
 from instbank.types import ImageRecord, ProgressFn
 
@@ -65,9 +67,11 @@ def _import_ray():
 
 
 def shard_rows(jobs: Sequence[tuple[Sequence[ImageRecord], Path]]) -> list[dict[str, Any]]:
-    """One row per shard job: ``{"shard": int, "shard_dir": str, "images": bytes}`` (pickled records)."""
+    """One row per shard job: ``{"shard": int, "shard_dir": str, "publish": str, "images": bytes}``
+    (pickled records; ``publish``: the staging marker when the bank is at a URL, else "")."""
     return [
-        {"shard": i, "shard_dir": str(shard_dir), "images": pickle.dumps(list(images), protocol=pickle.HIGHEST_PROTOCOL)}
+        {"shard": i, "shard_dir": str(shard_dir), "publish": staged_marker(shard_dir) or "",
+         "images": pickle.dumps(list(images), protocol=pickle.HIGHEST_PROTOCOL)}
         for i, (images, shard_dir) in enumerate(jobs)
     ]
 
@@ -84,7 +88,11 @@ def build_shard_row(row: dict[str, Any], config: BuildConfig, strict: bool = Fal
     try:
         # One CPU per task (num_cpus=1): OpenCV's own per-core pool would oversubscribe.
         with opencv_single_threaded():
-            result = build_shard(pickle.loads(row["images"]), row["shard_dir"], config, strict=strict)
+            if row["publish"]:  # a bank at a URL: stage on this node (the driver's staging is not here)
+                with staged_shard(row["publish"], Path(row["shard_dir"]).name) as shard_dir:
+                    result = build_shard(pickle.loads(row["images"]), shard_dir, config, strict=strict)
+            else:
+                result = build_shard(pickle.loads(row["images"]), row["shard_dir"], config, strict=strict)
     except Exception as e:  # noqa: BLE001 - shipped to the driver and re-raised there
         return {"shard": row["shard"], "dir": "", "info": "", "digests": b"", "error": _pickle_error(e),
                 "traceback": traceback.format_exc()}
@@ -183,10 +191,11 @@ def run(
             num_cpus=1,
             compute=ray.data.TaskPoolStrategy(size=max(1, min(workers, len(rows)))),
         )
-        yield from _in_shard_order(results.iter_rows(), len(rows), progress, Path(jobs[0][1]).parent.parent)
+        bank = staged_destination(jobs[0][1]) or Path(jobs[0][1]).parent.parent
+        yield from _in_shard_order(results.iter_rows(), len(rows), progress, bank)
 
 
-def _in_shard_order(rows, count: int, progress: ProgressFn | None, bank_dir: Path) -> Iterator[ShardResult]:
+def _in_shard_order(rows, count: int, progress: ProgressFn | None, bank_dir: Path | str) -> Iterator[ShardResult]:
     done: dict[int, ShardResult] = {}
     next_shard = 0
     for row in rows:

@@ -22,11 +22,9 @@ from instbank.crops import (
 )  # fmt: skip
 from instbank.errors import BuildError
 from instbank.storage.writer import ShardResult, ShardWriter
-from instbank.types import ImageRecord, ProgressFn
+from instbank.types import ImageRecord, ProgressFn, SkipLog
 
 MIN_SIZE, MAX_SIZE = 8, 4096
-#: Skip examples kept per reason in the report (enough to find the files, small enough to read).
-MAX_EXAMPLES = 5
 #: Skips that follow the user's own choices (filters, crowd policy, a class map, background images
 #: that are kept): counted, but not faults of the data, so ``--strict`` lets them pass.
 POLICY_REASONS = frozenset({
@@ -88,9 +86,11 @@ def build_shard(
     """Decode ``images`` in order, cut their instances, write one shard; returns its result.
 
     Unusable images and instances are counted by reason in ``shard.json["skipped"]`` with up to
-    ``MAX_EXAMPLES`` examples each; ``strict`` raises ``BuildError`` at the first that is a fault
-    (not in ``POLICY_REASONS``) instead. Write faults raise a one-line ``BuildError``."""
-    skip_examples: dict[str, list[str]] = {}
+    ``MAX_SKIP_EXAMPLES`` examples each (``skip_examples``); images dropped whole are also counted
+    in ``skipped_images``, with the instances on them in ``lost_instances``. ``strict`` raises
+    ``BuildError`` at the first skip that is a fault (not in ``POLICY_REASONS``) instead. Write
+    faults raise a one-line ``BuildError``."""
+    log, skipped_images, lost = SkipLog(), Counter(), Counter()
     rotated = size_mismatch = reduced = 0
     try:
         with ShardWriter(Path(shard_dir), config.backend, config.size, config.backend_options) as writer:
@@ -100,8 +100,9 @@ def build_shard(
                 except ImageSkip as skip:
                     if strict and skip.reason not in POLICY_REASONS:
                         raise strict_fault(skip.reason, str(skip)) from None
-                    writer.skipped[skip.reason] += 1
-                    _example(skip_examples, skip.reason, str(skip))
+                    log.add(skip.reason, record.path, record.image_id, detail=str(skip).removeprefix(f"{record.path}: "))
+                    skipped_images[skip.reason] += 1
+                    lost[skip.reason] += len(record.instances)
                     if progress:
                         progress(1, 0)
                     continue
@@ -110,29 +111,22 @@ def build_shard(
                 if record.width and (record.width, record.height) != (cut.width, cut.height):
                     # The file wins (it is what gets cut); the annotations may be off, so say so.
                     size_mismatch += 1
-                    _example(skip_examples, "size_mismatch", f"{record.path}: file is {cut.width}x{cut.height}, "
-                             f"annotations say {record.width}x{record.height}")
-                pixels, meta, instance_skips = cut.rgba, cut.meta, cut.skipped
-                faults = sorted(set(instance_skips) - POLICY_REASONS) if strict else []
-                if faults:
-                    raise strict_fault(", ".join(faults), f"{record.path} (image id {record.image_id})")
-                writer.append(pixels, meta)
-                writer.skipped.update(instance_skips)
-                for reason in instance_skips:
-                    _example(skip_examples, reason, f"{record.path} (image id {record.image_id})")
+                    log.keep("size_mismatch", log.example(record.path, record.image_id, detail=(
+                        f"file is {cut.width}x{cut.height}, annotations say {record.width}x{record.height}")))
+                for reason, ann_id in cut.skips:
+                    if strict and reason not in POLICY_REASONS:
+                        raise strict_fault(reason, f"{record.path} (image id {record.image_id}, annotation {ann_id})")
+                    log.add(reason, record.path, record.image_id, ann_id)
+                writer.append(cut.rgba, cut.meta)
                 if progress:
-                    progress(1, len(pixels))
-            writer.extra.update(num_images=len(images), skip_examples=skip_examples, exif_rotated=rotated,
-                                size_mismatch=size_mismatch, decoded_reduced=reduced)
+                    progress(1, len(cut.rgba))
+            writer.skipped.update(log.counts)
+            writer.extra.update(num_images=len(images), skip_examples=log.examples, skipped_images=dict(skipped_images),
+                                lost_instances=dict(lost), exif_rotated=rotated, size_mismatch=size_mismatch,
+                                decoded_reduced=reduced)
     except OSError as e:
         raise write_error(e, shard_dir) from None
     return writer.result
-
-
-def _example(examples: dict[str, list[str]], reason: str, text: str) -> None:
-    items = examples.setdefault(reason, [])
-    if len(items) < MAX_EXAMPLES:
-        items.append(text)
 
 
 def write_error(e: OSError, where: str | os.PathLike) -> BuildError:
@@ -143,18 +137,6 @@ def write_error(e: OSError, where: str | os.PathLike) -> BuildError:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BuildError(f"{name}: output is not writable ({e.strerror})")
     return BuildError(f"{name}: write failed ({e.strerror})")
-
-
-def count_skips(results: Sequence[ShardResult]) -> tuple[Counter, dict[str, list[str]]]:
-    """Skip counts and examples (up to ``MAX_EXAMPLES`` per reason) over the shards, in order."""
-    skipped: Counter = Counter()
-    examples: dict[str, list[str]] = {}
-    for result in results:
-        skipped.update(result.info["skipped"])
-        for reason, items in result.info.get("skip_examples", {}).items():
-            for item in items:
-                _example(examples, reason, item)
-    return skipped, examples
 
 
 @contextmanager

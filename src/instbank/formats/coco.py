@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from instbank.formats.common import gc_paused, input_error, is_int64, rectangle, valid_box
-from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord
+from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord, SkipLog
 
 CROWD_MODES = ("skip", "include")
 SECTIONS = ("images", "annotations", "categories")
@@ -70,13 +69,14 @@ def build_dataset(
     root = resolve_images_dir(path, images_dir, images, notes)
     class_of = {c.source_id: c.id for c in classes}
     per_image: dict[int, list[InstanceRecord]] = {image_id: [] for image_id in images}
-    skipped: Counter = Counter()
+    skips = SkipLog()
     seen_ids: set[int] = set()
     for index, ann in enumerate(sections["annotations"]):
         check_unique_id(path, ann, index, seen_ids)
         result = read_annotation(ann, images, class_of, keep_crowd, box_masks)
         if isinstance(result, str):
-            skipped[result] += 1
+            ids = (ann.get("image_id"), ann.get("id")) if isinstance(ann, dict) else (None, None)
+            skips.add(result, str(path), *ids, detail=f"annotations[{index}]")
         else:
             per_image[result[0]].append(result[1])
     records = [
@@ -89,7 +89,8 @@ def build_dataset(
         )
         for image_id, (file_name, width, height) in sorted(images.items())
     ]
-    return Dataset(source=str(path), kind="coco", images=records, classes=classes, skipped=skipped, notes=notes)
+    return Dataset(source=str(path), kind="coco", images=records, classes=classes, skipped=skips.counts, notes=notes,
+                   skip_examples=skips.examples, images_root=str(root))
 
 
 # --------------------------------------------------------------------------------------------

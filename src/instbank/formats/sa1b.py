@@ -33,7 +33,6 @@ import fnmatch
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,7 +41,7 @@ import numpy as np
 
 from instbank.formats.coco import check_runs
 from instbank.formats.common import gc_paused, input_error, is_int64
-from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord
+from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord, SkipLog
 
 JSON_GLOB = "sa_*.json"
 DEFAULT_CATEGORY = "object"
@@ -99,7 +98,8 @@ def read_sa1b(
         for rel in paths:
             image_root = root / rel.parent if images_dir is None else Path(images_dir) / rel.parent
             images.append(reader.read(root / rel, image_root))
-    return Dataset(source=str(root), kind="sa1b", images=images, classes=classes, skipped=reader.skipped, notes=notes)
+    return Dataset(source=str(root), kind="sa1b", images=images, classes=classes, skipped=reader.skips.counts, notes=notes,
+                   skip_examples=reader.skips.examples, images_root=str(images_dir if images_dir is not None else root))
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ class FileReader:
                  min_area: int):  # fmt: skip
         self.classes, self.default = classes, default
         self.min_iou, self.min_stability, self.min_area = min_iou, min_stability, min_area
-        self.skipped: Counter = Counter()
+        self.skips = SkipLog()
         self.image_ids: set[int] = set()
         self.ann_ids: set[int] = set()
 
@@ -216,10 +216,11 @@ class FileReader:
         shapes = [segmentation(ann, height, width) for ann in annotations]
         areas = check_masks(shapes, height * width)
         instances = []
-        for ann, shape, area in zip(annotations, shapes, areas):
+        for index, (ann, shape, area) in enumerate(zip(annotations, shapes, areas)):
             result = shape if isinstance(shape, str) else self.keep(ann, shape, area)
             if isinstance(result, str):
-                self.skipped[result] += 1
+                ann_id = ann.get("id") if isinstance(ann, dict) else None
+                self.skips.add(result, str(path), image_id, ann_id, detail=f"annotations[{index}]")
             else:
                 instances.append(result)
         return ImageRecord(image_id=image_id, path=str(image_root / file_name), width=width, height=height,

@@ -29,7 +29,6 @@ label files, which no image reads): ``image_without_label`` (the image is kept w
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 import yaml
 
 from instbank.formats.common import gc_paused, input_error, rectangle, valid_box
-from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord
+from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord, SkipLog
 
 SPLITS = ("train", "val", "test")
 #: Ultralytics ``IMG_FORMATS`` (ultralytics/data/utils.py), compared lower-case.
@@ -54,6 +53,7 @@ class Layout:
     searched for orphan labels); ``listed`` are images named in ``.txt`` lists. ``names`` is
     ``None`` when the data set does not name its classes."""
 
+    root: str
     image_dirs: list[str] = field(default_factory=list)
     listed: list[str] = field(default_factory=list)
     names: list[str] | None = None
@@ -81,15 +81,16 @@ def read_yolo(path: str | os.PathLike, *, box_masks: bool = False, splits: Seque
     chosen = check_splits(splits)
     layout = find_layout(Path(path), chosen)
     image_paths = sorted(set(walk_images(layout.image_dirs)) | set(layout.listed))
-    skipped: Counter = Counter()
+    skips = SkipLog()
     with gc_paused():
-        parsed = [read_label_file(i, p, layout.names, box_masks, skipped) for i, p in enumerate(image_paths)]
+        parsed = [read_label_file(i, p, layout.names, box_masks, skips) for i, p in enumerate(image_paths)]
         classes = class_table(layout, parsed, layout.notes)
         images = image_records(image_paths, parsed, {c.source_id: c.id for c in classes})
-    orphans = walk_labels(layout.image_dirs) - {label_path(p) for p in image_paths}
-    if orphans:
-        skipped["label_without_image"] = len(orphans)
-    return Dataset(source=str(path), kind="yolo", images=images, classes=classes, skipped=skipped, notes=layout.notes)
+    orphans = sorted(walk_labels(layout.image_dirs) - {label_path(p) for p in image_paths})
+    for orphan in orphans:
+        skips.add("label_without_image", orphan, detail="no image of this name beside the labels")
+    return Dataset(source=str(path), kind="yolo", images=images, classes=classes, skipped=skips.counts, notes=layout.notes,
+                   skip_examples=skips.examples, images_root=str(layout.root))
 
 
 def image_records(image_paths: list[str], parsed: list[list[Parsed]], contiguous: dict[int, int]) -> list[ImageRecord]:
@@ -143,7 +144,7 @@ def directory_layout(root: Path, splits: list[str] | None) -> Layout:
     for d in dirs:
         if not d.is_dir():
             raise input_error(root, f"has no {d.relative_to(root)}/ directory for the requested split")
-    return Layout(image_dirs=[os.path.abspath(d) for d in dirs])
+    return Layout(root=os.path.abspath(root), image_dirs=[os.path.abspath(d) for d in dirs])
 
 
 def load_yaml(path: Path) -> dict:
@@ -166,7 +167,7 @@ def yaml_layout(path: Path, splits: list[str] | None) -> Layout:
     chosen = splits if splits is not None else [s for s in SPLITS if cfg.get(s) is not None]
     if not chosen:
         raise input_error(path, "names no split (train, val or test)")
-    layout = Layout(names=class_names(path, cfg))
+    layout = Layout(root=os.path.abspath(root), names=class_names(path, cfg))
     for split in chosen:
         for entry in split_entries(path, cfg, split):
             add_split_entry(path, split, root, entry, layout)
@@ -282,14 +283,14 @@ def label_dir_of(image_dir: str) -> str:
 
 
 def read_label_file(
-    image_id: int, image_path: str, names: list[str] | None, box_masks: bool, skipped: Counter
+    image_id: int, image_path: str, names: list[str] | None, box_masks: bool, skips: SkipLog
 ) -> list[Parsed]:
     path = label_path(image_path)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        skipped["image_without_label"] += 1
+        skips.add("image_without_label", image_path, image_id, detail=f"no {path} (image kept as a background)")
         return []
     except OSError as e:
         raise input_error(path, f"cannot read the label file ({e.strerror or e})") from None
@@ -305,12 +306,13 @@ def read_label_file(
             continue
         nonblank += 1
         result = parse_line(tokens, num_classes, box_masks)
+        ann_id = image_id * LINES_PER_FILE + line_no
         if isinstance(result, str):
-            skipped[result] += 1
+            skips.add(result, path, image_id, ann_id, detail=f"line {line_no + 1}: {line.strip()[:60]}")
         else:
-            records.append(Parsed(image_id * LINES_PER_FILE + line_no, *result))
+            records.append(Parsed(ann_id, *result))
     if not nonblank:
-        skipped["empty_label_file"] += 1
+        skips.add("empty_label_file", path, image_id, detail="no label line (image kept as a background)")
     return records
 
 
@@ -351,9 +353,14 @@ def box_rectangle(cx: float, cy: float, w: float, h: float) -> np.ndarray | None
 
 
 def class_table(layout: Layout, parsed: list[list[Parsed]], notes: list[str]) -> list[ClassInfo]:
-    """``ClassInfo(i, i, names[i])``; without names, one ``class{i}`` per index seen (ids contiguous)."""
+    """``ClassInfo(i, i, names[i])``. Without names, the YOLO indices are kept as the bank's ids:
+    ``class{i}`` for ``0..max index seen``, unused ones empty. Renumbering only the indices seen
+    would make a pasted label disagree with the user's own labels, and change with the splits read
+    or the order of a merge."""
     if layout.names is not None:
         return [ClassInfo(id=i, source_id=i, name=n) for i, n in enumerate(layout.names)]
-    seen = sorted({r.source_class for records in parsed for r in records})
-    notes.append(f"classes: no names given; the {len(seen)} class indices seen are named class<index>")
-    return [ClassInfo(id=i, source_id=s, name=f"class{s}") for i, s in enumerate(seen)]
+    seen = {r.source_class for records in parsed for r in records}
+    count = max(seen) + 1 if seen else 0
+    notes.append(f"classes: no names given; YOLO class indices kept as bank ids 0..{count - 1}, "
+                 f"named class<index> ({count - len(seen)} of them unused)")
+    return [ClassInfo(id=i, source_id=i, name=f"class{i}") for i in range(count)]

@@ -1,33 +1,48 @@
-"""Compiled CPU paste kernel (numba): one loop nest per paste where the reference runs 17 numpy
-array operations.
+"""Compiled CPU paste (numba): the whole CPU paste of a batch in one compiled call, compositing and,
+for ``BankCopyPaste``, the annotations.
 
 Same signature, outputs and arithmetic as the reference ``instbank.paste.reference.paste_image``
 (whose module docstring is the specification), and bit-identical results on CPU: images and masks
-equal, for every image dtype (tested with hypothesis). Only the inner step differs: the reference's
-rectangle path (``paste_rects``: rectangle table, bilinear taps, overlap groups, float32 tiles,
-rounding) is reused, with ``blend_rect`` below in place of the reference's numpy ``blend_rect``.
+equal, for every image dtype (tested with hypothesis), and every output of ``BankCopyPaste`` equal
+to the reference path's (``instbank.paste.annotations.paste_annotate_rects``). The structure is the
+reference's CPU path, compiled: per image, the rectangle each paste can change (the target image of
+its crop's non-zero alpha), overlap groups of rectangles, one float32 tile per group, pastes blended
+back to front, rounding on store; then visible masks front to back, and existing masks cut, inside
+the group's rectangle. One call per batch instead of ~60 numpy operations per paste and ~150 per
+call around them: at B=1 those cost more than the pixels (docs/perf/paste.md).
 
 Per paste (``rect`` of ``h x w`` target pixels, crop window ``wh x ww``):
 
-1. Along y, for each target row, the two crop rows of its taps weighted in integers, uint16
+1. The bilinear taps of every target column and row, computed here in the spec's float32 op order
+   (``(x + 0.5 - tx) * inv_scale``, ``S - u`` when flipped, ``- 0.5``, floor, ``* 256``, floor):
+   the same values as the reference's numpy taps.
+2. Along y, for each target row, the two crop rows of its taps weighted in integers, uint16
    ``[h, ww, 4]`` (channels last, so that a pixel's four channels sit in one 8-byte word for
-   step 2); contiguous inner loops, which LLVM vectorises.
-2. Along x, per target pixel: the two taps of all four channels, the exact int32 sums of the spec
+   step 3); contiguous inner loops, which LLVM vectorises.
+3. Along x, per target pixel: the two taps of all four channels, the exact int32 sums of the spec
    as float32 (integers below 2**24, and RGB's weights carry the 2**-16: exact), the threshold,
    ``alpha = A / (255 * 65536)``, and the blend ``out * (1 - alpha) + colour * alpha`` with the
    reference's op order and no fused multiply-add (numba leaves LLVM's ``contract`` flag off
    unless ``fastmath`` is set). Pixels with ``A == 0`` are skipped: the spec leaves them as they
    are (``out * 1 + colour * 0``).
 
-Measured against the reference's numpy ``blend_rect`` on the 54 real crops of the sample bank,
-512^2 targets, objects of 64..128 px: 32 us against 115 us per paste (one thread; see
-docs/perf/paste.md). The first call in a process compiles (about 2 s for each combination of
-argument types: with or without padding, contiguous crops or views); ``cache=True`` stores the
-machine code beside this file, or in numba's user cache directory when the package directory is
-read-only, so later processes (DataLoader workers) load it in milliseconds.
+Annotations: existing masks are copied as 0/1 into the output with per-row and per-column counts of
+their set pixels; a cut clears pixels and decrements those counts, so the area left and the refit
+box come from the counts (no second pass over the plane), and the tight boxes and emptiness of the
+input masks, when not given, come from the same copy.
+
+The kernel sees C-contiguous uint8 or float32 arrays only, ``[B, 3, H, W]`` or, for channels_last
+images, ``[B, H, W, 3]`` (two compiled variants): other dtypes (float16, bfloat16) are converted to
+float32 around it (exact both ways: the reference rounds its float32 tiles the same way), other
+layouts copied. The first call in a process compiles (about 10 s for the first image dtype, 3 s for
+the second); ``cache=True`` stores the machine code beside this file, or in numba's user cache
+directory when the package directory is read-only, so later processes (DataLoader workers) load it
+in milliseconds.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,15 +55,43 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "or use the reference (impl='torch')"
     ) from exc
 
+from instbank.paste.annotations import Instances, occlusion_outcome, paste_validity
 from instbank.paste.plan import PastePlan
-from instbank.paste.reference import ALPHA_MAX, ALPHA_THRESHOLD, check_inputs, default_value_range, paste_rects
+from instbank.paste.reference import ALPHA_MAX, ALPHA_THRESHOLD, RECT_MARGIN, check_inputs, default_value_range
 
 # ``A / ALPHA_MAX`` for every integer ``A`` in ``0 .. ALPHA_MAX`` is the float32 rounding of
 # ``float64(A) * INV_ALPHA_MAX``: the float64 product is within 2**-52 (relative) of ``A / ALPHA_MAX``,
 # which lies at least 2**-33 (relative) from every float32 rounding boundary. Checked for all
 # 16.7M values of ``A`` in tests/test_paste_cpu_kernel.py; a multiply vectorises, a divide does not.
 INV_ALPHA_MAX = 1.0 / ALPHA_MAX
-ONE = np.float32(1.0)
+RGB_WEIGHT = np.float32(1.0 / 65536)  # RGB's x weights carry the 2**-16 of the spec's division
+KERNEL_DTYPES = (torch.uint8, torch.float32)
+
+
+class Pasted(NamedTuple):
+    """What ``paste_batch`` computed, besides the images (numpy; ``B`` images, ``K`` pastes, ``N``
+    existing instances):
+
+    - ``masks``: uint8 0/1 ``[B, N+K, H, W]``: the existing masks cut by the pastes, then the
+      visible masks of the pastes
+    - ``rects``: int64 ``[B, K, 4]`` the target rectangle ``x0, y0, x1, y1`` each paste could
+      change (zeros where it changed nothing): its visible mask lies inside
+    - ``area`` int64 ``[B, K]`` and ``boxes`` float32 ``[B, K, 4]``: pixels and tight box of each
+      visible mask; ``object_px`` int64 ``[B, K]``: crop pixels with stored alpha >= 128
+    - ``before``, ``lost`` int64 ``[B, N]``: set pixels of each existing mask, and those the pastes
+      cut; ``refit`` float32 ``[B, N, 4]``: the tight box of what is left where ``lost > 0``;
+      ``mask_boxes`` float32 ``[B, N, 4]``: the tight box of each existing mask before the cut
+    """
+
+    masks: np.ndarray
+    rects: np.ndarray
+    area: np.ndarray
+    boxes: np.ndarray
+    object_px: np.ndarray
+    before: np.ndarray
+    lost: np.ndarray
+    refit: np.ndarray
+    mask_boxes: np.ndarray
 
 
 def paste_image(
@@ -63,53 +106,425 @@ def paste_image(
     check_inputs(images, crops, plan, padding_mask)
     if images.device.type != "cpu":
         raise ValueError(f"the numba kernel runs on CPU tensors, got images on {images.device}")
-    return paste_rects(images, crops, plan, padding_mask, default_value_range(images.dtype, value_range), blend_rect)
+    vrange = default_value_range(images.dtype, value_range)
+    none = torch.zeros((images.shape[0], 0, *images.shape[2:]), dtype=torch.bool)
+    out, pasted = paste_batch(images, crops, crops[:, :, 3], plan, padding_mask, vrange, none)
+    return out, torch.from_numpy(pasted.masks).view(torch.bool)
 
 
-def blend_rect(tile, crop, taps_x, taps_y, p, keep, gain, rect, window) -> np.ndarray:
-    """The reference's ``blend_rect`` (same arguments, same result), compiled.
+def paste_annotate_rects(images, crops, alpha, plan, padding_mask, vrange, existing: Instances, min_visible, semantic=None):
+    """``BankCopyPaste``'s CPU path, compiled: the signature and results of
+    ``instbank.paste.annotations.paste_annotate_rects`` (the reference's).
 
-    A gain of None is passed as 1.0 (``colour * 1`` is exact): one compiled variant fewer.
+    ``existing``'s ``boxes`` and ``valid`` may be None: the tight boxes and "not empty" of its masks
+    (bool or uint8 ``[B, N, H, W]``) are then taken from the kernel's copy of them.
     """
-    gain = ONE if gain is None else gain
-    return _blend_rect(tile, crop, p, *taps_x, *taps_y, keep, gain, rect, window)
+    out, pasted = paste_batch(images, crops, alpha, plan, padding_mask, vrange, existing.masks)
+    boxes = pasted.mask_boxes if existing.boxes is None else existing.boxes.to(torch.float32).numpy()
+    valid = pasted.before > 0 if existing.valid is None else existing.valid.to(torch.bool).numpy()
+    after = pasted.before - pasted.lost
+    given = Instances(existing.masks, boxes, existing.labels, valid)
+    kept_boxes, kept_valid = occlusion_outcome(pasted.before, after, pasted.refit, after > 0, given, min_visible)
+    pasted_valid = paste_validity(pasted.area, pasted.area > 0, pasted.object_px, plan, min_visible)
+    n = boxes.shape[1]
+    masks = torch.from_numpy(pasted.masks)
+    if existing.masks.dtype == torch.bool:
+        masks = masks.view(torch.bool)
+    paste_boxes, paste_valid = torch.from_numpy(pasted.boxes), torch.from_numpy(pasted_valid)
+    merged = Instances(
+        masks,
+        torch.from_numpy(np.concatenate([kept_boxes, pasted.boxes], axis=1)),
+        torch.cat([existing.labels.to(torch.int64), plan.labels], dim=1),
+        torch.from_numpy(np.concatenate([kept_valid, pasted_valid], axis=1)),
+    )
+    paste_part = Instances(masks[:, n:].view(torch.bool), paste_boxes, plan.labels, paste_valid)
+    painted = None if semantic is None else _paint(semantic.clone(), pasted.masks[:, n:], pasted.rects, plan.labels)
+    return out, merged, paste_part, painted
+
+
+def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given) -> tuple[torch.Tensor, Pasted]:
+    """Composite (``crops``' RGB with the prepared ``alpha`` uint8 ``[B, K, S, S]``) and annotate
+    a checked CPU batch; ``given``: the existing masks, bool or uint8 ``[B, N, H, W]``. Returns the
+    images (like ``images``) and a ``Pasted``."""
+    b, _, h, w = images.shape
+    k, n = crops.shape[1], given.shape[1]
+    out = torch.empty_like(images)
+    work = images if images.dtype in KERNEL_DTYPES else images.float()  # float16/bfloat16: exact in float32
+    channels_last = not work.is_contiguous() and work.is_contiguous(memory_format=torch.channels_last)
+    if not (channels_last or work.is_contiguous()):  # another layout (a view): a contiguous copy
+        work = work.contiguous()
+    result = out if work is images and out.stride() == images.stride() else torch.empty_like(work)
+    result.copy_(work)  # pixels no paste reaches are final (a memcpy: numba's copy took 4x longer)
+    src, dst = (t.permute(0, 2, 3, 1) if channels_last else t for t in (work, result))
+    keep = _NO_PADDING if padding_mask is None else np.ascontiguousarray(~padding_mask.to(torch.bool).numpy())
+    pasted = Pasted(
+        # zeros from calloc: above glibc's mmap threshold (a B=8 batch of COCO images padded to
+        # 44 instances: 109 MB) fresh zero pages, untouched wherever a mask is empty; below it a
+        # reused heap chunk, cleared (an anonymous mapping of our own instead cost 4 us per page
+        # written on the development VM: 1.8 ms per image against 1.1-1.3)
+        masks=np.zeros((b, n + k, h, w), np.uint8),
+        rects=np.zeros((b, k, 4), np.int64),
+        area=np.zeros((b, k), np.int64),
+        boxes=np.zeros((b, k, 4), np.float32),
+        object_px=np.zeros((b, k), np.int64),
+        before=np.zeros((b, n), np.int64),
+        lost=np.zeros((b, n), np.int64),
+        refit=np.zeros((b, n, 4), np.float32),
+        mask_boxes=np.zeros((b, n, 4), np.float32),
+    )
+    _paste_batch(
+        src.numpy(),
+        dst.numpy(),
+        channels_last,
+        _contiguous(crops),
+        _contiguous(alpha),
+        plan.apply.numpy(),
+        plan.inv_scale.numpy(),
+        plan.translate.numpy(),
+        plan.flip.numpy(),
+        keep,
+        np.float32(1.0 if vrange == 255.0 else vrange / 255.0),
+        images.dtype == torch.uint8,
+        _contiguous(given.view(torch.uint8) if given.dtype == torch.bool else given),
+        *pasted,
+    )
+    if result is not out:
+        out.copy_(result)
+    return out, pasted
+
+
+_NO_PADDING = np.zeros((0, 0, 0), np.bool_)
+
+
+def _contiguous(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.numpy())
+
+
+def _paint(semantic: torch.Tensor, visible: np.ndarray, rects: np.ndarray, labels: torch.Tensor) -> torch.Tensor:
+    """``semantic`` ``[B, H, W]`` with each paste's label where its visible mask (uint8 ``[B, K, H,
+    W]``, inside ``rects``) is set; visible masks are disjoint, so the order does not matter."""
+    painted, ids = semantic.numpy(), labels.to(semantic.dtype).numpy()
+    for bi, ki in zip(*np.nonzero(rects[..., 2] > rects[..., 0])):
+        x0, y0, x1, y1 = rects[bi, ki]
+        painted[bi, y0:y1, x0:x1][visible[bi, ki, y0:y1, x0:x1] != 0] = ids[bi, ki]
+    return semantic
+
+
+# ------------------------------------------------------------------------------------------------
+# compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _blend_rect(tile, crop, p, xa, xb, wxa, wxb, ya, yb, wya, wyb, keep, gain, rect, window):  # pragma: no cover
-    x0, y0, x1, y1 = rect
-    cx0, cy0, cx1, cy1 = window
+def _paste_batch(src, dst, channels_last, crops, alpha, apply, inv_scale, translate, flip, keep, gain, is_u8, given,
+                 masks, rects, area, boxes, object_px, before, lost, refit, mask_boxes):  # pragma: no cover
+    b_count, k_count = apply.shape
+    n = given.shape[1]
+    h, w = masks.shape[2], masks.shape[3]
+    rows = np.zeros((n, h), np.int32)  # set pixels per row / column of each existing mask
+    cols = np.zeros((n, w), np.int32)
+    table = np.zeros((k_count, 8), np.int64)  # rect x0, y0, x1, y1, crop window cx0, cy0, cx1, cy1
+    for b in range(b_count):
+        _copy_masks(given[b], masks[b], rows, cols, before[b], mask_boxes[b])
+        chosen = np.zeros(k_count, np.bool_)
+        for k in range(k_count):
+            if apply[b, k]:
+                chosen[k] = _paste_window(alpha[b, k], inv_scale[b, k], translate[b, k], flip[b, k], h, w, table[k])
+                if chosen[k]:
+                    object_px[b, k] = np.sum(crops[b, k, 3] >= 128)
+        for group in _overlap_groups(table, chosen):
+            gx0, gy0 = table[group[0], 0], table[group[0], 1]
+            gx1, gy1 = table[group[0], 2], table[group[0], 3]
+            for k in group:
+                gx0, gy0 = min(gx0, table[k, 0]), min(gy0, table[k, 1])
+                gx1, gy1 = max(gx1, table[k, 2]), max(gy1, table[k, 3])
+            tile = _load(src[b], channels_last, gx0, gy0, gx1, gy1)
+            for k in group:
+                _blend(tile, gx0, gy0, crops[b, k], alpha[b, k], masks[b, n + k], keep, b, table[k],
+                       inv_scale[b, k], translate[b, k], flip[b, k], gain)
+            _store(dst[b], channels_last, tile, gx0, gy0, is_u8)
+            covered = np.zeros((gy1 - gy0, gx1 - gx0), np.uint8)
+            for i in range(len(group) - 1, -1, -1):  # front to back
+                k = group[i]
+                area[b, k] = _visible(masks[b, n + k], covered, gx0, gy0, table[k], boxes[b, k])
+                rects[b, k] = table[k, :4]
+            _cut(masks[b, :n], covered, gx0, gy0, rows, cols, lost[b], mask_boxes[b])
+        for i in range(n):
+            if lost[b, i] > 0 and before[b, i] > lost[b, i]:
+                _box_from_counts(rows[i], cols[i], refit[b, i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy_masks(given, masks, rows, cols, before, mask_boxes):  # pragma: no cover
+    """``masks[i] = given[i] != 0`` as 0/1 for the ``N`` existing masks (``masks`` zero before: an
+    empty row is only read), with the per-row and per-column counts of set pixels, each mask's
+    total, and its tight box."""
+    for i in range(given.shape[0]):
+        col = cols[i]
+        col[:] = 0
+        total = 0
+        for y in range(given.shape[1]):
+            src, out = given[i, y], masks[i, y]
+            rows[i, y] = 0
+            seen = np.uint8(0)
+            for x in range(given.shape[2]):  # an OR over bytes: 32 per AVX2 operation
+                seen |= src[x]
+            if seen == 0:
+                continue
+            count = 0
+            for x in range(given.shape[2]):
+                v = np.uint8(src[x] != 0)
+                out[x] = v
+                col[x] += v
+                count += v
+            rows[i, y] = count
+            total += count
+        before[i] = total
+        if total:
+            _box_from_counts(rows[i], col, mask_boxes[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _box_from_counts(rows, cols, box):  # pragma: no cover
+    """``x0, y0, x1, y1`` (pixel corners) of a non-empty mask from its row and column counts."""
+    y0, y1 = 0, rows.shape[0]
+    while rows[y0] == 0:
+        y0 += 1
+    while rows[y1 - 1] == 0:
+        y1 -= 1
+    x0, x1 = 0, cols.shape[0]
+    while cols[x0] == 0:
+        x0 += 1
+    while cols[x1 - 1] == 0:
+        x1 -= 1
+    box[0], box[1], box[2], box[3] = x0, y0, x1, y1
+
+
+@numba.njit(cache=True, nogil=True)
+def _paste_window(alpha, inv_scale, translate, flipped, h, w, row) -> bool:  # pragma: no cover
+    """``reference._paste_windows`` for one paste: into ``row``, the target rectangle holding every
+    pixel with a tap in the support of ``alpha`` (its non-zero pixels) and the crop window read
+    (the support grown by one pixel); False when the paste changes no pixel."""
+    s = alpha.shape[0]
+    col_max = np.zeros(s, np.uint8)
+    sy0, sy1 = s, 0
+    for y in range(s):
+        line = alpha[y]
+        peak = np.uint8(0)
+        for x in range(s):
+            peak = max(peak, line[x])
+            col_max[x] = max(col_max[x], line[x])
+        if peak:
+            sy0, sy1 = min(sy0, y), y + 1
+    if sy1 == 0:
+        return False
+    sx0, sx1 = 0, s
+    while col_max[sx0] == 0:
+        sx0 += 1
+    while col_max[sx1 - 1] == 0:
+        sx1 -= 1
+    lo_x, hi_x = (s - sx1, s - sx0) if flipped else (sx0, sx1)
+    scale = 1.0 / np.float64(inv_scale)  # bounds only: pixels follow the spec
+    tx, ty = np.float64(translate[0]), np.float64(translate[1])
+    x0 = np.floor(tx + (lo_x - 0.5) * scale - 0.5) - RECT_MARGIN
+    y0 = np.floor(ty + (sy0 - 0.5) * scale - 0.5) - RECT_MARGIN
+    x1 = np.ceil(tx + (hi_x + 0.5) * scale - 0.5) + RECT_MARGIN + 1
+    y1 = np.ceil(ty + (sy1 + 0.5) * scale - 0.5) + RECT_MARGIN + 1
+    row[0], row[1] = int(min(max(x0, 0.0), w)), int(min(max(y0, 0.0), h))
+    row[2], row[3] = int(min(max(x1, 0.0), w)), int(min(max(y1, 0.0), h))
+    row[4], row[5] = max(sx0 - 1, 0), max(sy0 - 1, 0)
+    row[6], row[7] = min(sx1 + 1, s), min(sy1 + 1, s)
+    return row[2] > row[0] and row[3] > row[1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _overlap_groups(table, chosen):  # pragma: no cover
+    """The chosen pastes in connected components of rectangle overlap, each in increasing order,
+    components ordered by their first paste (``reference._overlap_groups``)."""
+    k_count = chosen.shape[0]
+    parent = np.arange(k_count)
+    for i in range(k_count):
+        if not chosen[i]:
+            continue
+        for j in range(i):
+            if chosen[j] and table[i, 0] < table[j, 2] and table[j, 0] < table[i, 2] \
+                    and table[i, 1] < table[j, 3] and table[j, 1] < table[i, 3]:
+                parent[_root(parent, i)] = _root(parent, j)
+    roots = np.array([_root(parent, i) for i in range(k_count)])
+    groups = []
+    seen = np.zeros(k_count, np.bool_)
+    for i in range(k_count):  # the root need not be a component's first paste
+        if chosen[i] and not seen[roots[i]]:
+            seen[roots[i]] = True
+            groups.append([k for k in range(i, k_count) if chosen[k] and roots[k] == roots[i]])
+    return groups
+
+
+@numba.njit(cache=True, nogil=True)
+def _root(parent, i):  # pragma: no cover
+    while parent[i] != i:
+        i = parent[i]
+    return i
+
+
+@numba.njit(cache=True, nogil=True)
+def _axis_taps(start, count, t, inv, flipped, s, lo, hi):  # pragma: no cover
+    """The two taps of ``count`` target pixels from ``start`` along one axis: indices into the crop
+    window ``[lo, hi)`` (clamped into it) and integer weights, float32 (``256 - f``, ``f``) and the
+    alpha's (zero for a tap outside the window); the spec's float32 op order."""
+    first = np.empty(count, np.int64)
+    second = np.empty(count, np.int64)
+    weights = np.empty((4, count), np.float32)  # w0, w1, alpha w0, alpha w1
+    for j in range(count):
+        u = (np.float32(start + j) + np.float32(0.5) - t) * inv
+        if flipped:
+            u = np.float32(s) - u
+        uf = u - np.float32(0.5)
+        i0f = np.floor(uf)
+        frac = np.floor((uf - i0f) * np.float32(256.0))  # uf - floor(uf) is exact and in [0, 1)
+        tap = np.int64(i0f)
+        w0 = np.float32(256.0) - frac
+        weights[0, j], weights[1, j] = w0, frac
+        weights[2, j] = w0 if lo <= tap < hi else np.float32(0.0)
+        weights[3, j] = frac if lo <= tap + 1 < hi else np.float32(0.0)
+        first[j] = min(max(tap, lo), hi - 1) - lo
+        second[j] = min(max(tap + 1, lo), hi - 1) - lo
+    return first, second, weights
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend(tile, gx0, gy0, crop, alpha, plane, keep, b, row, inv, translate, flipped, gain):  # pragma: no cover
+    """Blend one paste (``crop`` uint8 ``[4, S, S]`` RGB, prepared ``alpha`` ``[S, S]``) into the
+    float32 ``tile`` (origin ``gx0, gy0``) over its rectangle ``row[:4]``, reading the crop window
+    ``row[4:]``; its raw mask into ``plane`` (``[H, W]``, zero before)."""
+    x0, y0, x1, y1 = row[0], row[1], row[2], row[3]
+    cx0, cy0, cx1, cy1 = row[4], row[5], row[6], row[7]
     h, w, ww = y1 - y0, x1 - x0, cx1 - cx0
+    s = alpha.shape[0]
+    ya, yb, wy = _axis_taps(y0, h, translate[1], inv, False, s, cy0, cy1)
+    xa, xb, wx = _axis_taps(x0, w, translate[0], inv, flipped, s, cx0, cx1)
     rows = np.empty((h, ww, 4), np.uint16)  # <= 255 * 256
     for j in range(h):
-        ra, rb = cy0 + ya[p, j], cy0 + yb[p, j]
-        for c in range(4):
-            wa, wb = np.uint16(wya[p, c, j, 0]), np.uint16(wyb[p, c, j, 0])
-            src_a, src_b, dst = crop[c, ra, cx0:cx1], crop[c, rb, cx0:cx1], rows[j, :, c]
+        ra, rb = cy0 + ya[j], cy0 + yb[j]
+        wa, wb = np.uint16(wy[0, j]), np.uint16(wy[1, j])
+        for c in range(3):
+            src_a, src_b, out = crop[c, ra, cx0:cx1], crop[c, rb, cx0:cx1], rows[j, :, c]
             for i in range(ww):
-                dst[i] = np.uint16(src_a[i]) * wa + np.uint16(src_b[i]) * wb
-    raw = np.empty((h, w), np.bool_)
-    xa_p, xb_p = xa[p], xb[p]
-    alpha_a, alpha_b, rgb_a, rgb_b = wxa[p, 3, 0], wxb[p, 3, 0], wxa[p, 0, 0], wxb[p, 0, 0]
+                out[i] = np.uint16(src_a[i]) * wa + np.uint16(src_b[i]) * wb
+        wa, wb = np.uint16(wy[2, j]), np.uint16(wy[3, j])
+        src_a, src_b, out = alpha[ra, cx0:cx1], alpha[rb, cx0:cx1], rows[j, :, 3]
+        for i in range(ww):
+            out[i] = np.uint16(src_a[i]) * wa + np.uint16(src_b[i]) * wb
+    rgb_a, rgb_b = wx[0] * RGB_WEIGHT, wx[1] * RGB_WEIGHT
+    alpha_a, alpha_b = wx[2], wx[3]
+    padded = keep.shape[0] > 0
+    one = np.float32(1.0)
     for j in range(h):
-        shown, row = raw[j], rows[j]
-        t0, t1, t2 = tile[0, y0 + j, x0:x1], tile[1, y0 + j, x0:x1], tile[2, y0 + j, x0:x1]
+        line, raw = rows[j], plane[y0 + j, x0:x1]
+        t0 = tile[0, y0 - gy0 + j, x0 - gx0 : x1 - gx0]
+        t1 = tile[1, y0 - gy0 + j, x0 - gx0 : x1 - gx0]
+        t2 = tile[2, y0 - gy0 + j, x0 - gx0 : x1 - gx0]
         for i in range(w):
-            pa, pb = row[xa_p[i]], row[xb_p[i]]
+            pa, pb = line[xa[i]], line[xb[i]]
             a = np.float32(pa[3]) * alpha_a[i] + np.float32(pb[3]) * alpha_b[i]
             inside = True
-            if keep is not None:
-                inside = keep[y0 + j, x0 + i]
-            shown[i] = inside and a >= ALPHA_THRESHOLD
+            if padded:
+                inside = keep[b, y0 + j, x0 + i]
+            shown = inside and a >= ALPHA_THRESHOLD
+            raw[i] = shown
             if not inside or a == 0:
                 continue
-            alpha = np.float32(np.float64(a) * INV_ALPHA_MAX)
-            rest = ONE - alpha
+            alpha_k = np.float32(np.float64(a) * INV_ALPHA_MAX)
+            rest = one - alpha_k
             c0 = np.float32(pa[0]) * rgb_a[i] + np.float32(pb[0]) * rgb_b[i]
             c1 = np.float32(pa[1]) * rgb_a[i] + np.float32(pb[1]) * rgb_b[i]
             c2 = np.float32(pa[2]) * rgb_a[i] + np.float32(pb[2]) * rgb_b[i]
             c0, c1, c2 = c0 * gain, c1 * gain, c2 * gain
-            t0[i] = t0[i] * rest + c0 * alpha
-            t1[i] = t1[i] * rest + c1 * alpha
-            t2[i] = t2[i] * rest + c2 * alpha
-    return raw
+            t0[i] = t0[i] * rest + c0 * alpha_k
+            t1[i] = t1[i] * rest + c1 * alpha_k
+            t2[i] = t2[i] * rest + c2 * alpha_k
+
+
+@numba.njit(cache=True, nogil=True)
+def _load(image, channels_last, x0, y0, x1, y1):  # pragma: no cover
+    """float32 ``[3, y1 - y0, x1 - x0]`` copy of a rectangle of ``image`` (``[3, H, W]``, or
+    ``[H, W, 3]`` when ``channels_last``): exact for uint8 and float32."""
+    tile = np.empty((3, y1 - y0, x1 - x0), np.float32)
+    for j in range(y1 - y0):
+        if channels_last:
+            line = image[y0 + j, x0:x1]
+            for c in range(3):
+                out = tile[c, j]
+                for i in range(x1 - x0):
+                    out[i] = line[i, c]
+        else:
+            for c in range(3):
+                line, out = image[c, y0 + j, x0:x1], tile[c, j]
+                for i in range(x1 - x0):
+                    out[i] = line[i]
+    return tile
+
+
+@numba.njit(cache=True, nogil=True)
+def _store(image, channels_last, tile, x0, y0, is_u8):  # pragma: no cover
+    """``reference._store_rect`` of a whole tile: uint8 ``floor(v + 0.5)`` clamped to 255 (a no-op
+    for values up to 255, as the reference clamps only when ``value_range > 255``), float32 as is."""
+    h, w = tile.shape[1], tile.shape[2]
+    for j in range(h):
+        for c in range(3):
+            src = tile[c, j]
+            out = image[y0 + j, x0 : x0 + w, c] if channels_last else image[c, y0 + j, x0 : x0 + w]
+            if is_u8:  # through int32, which vectorises (a direct float -> uint8 cast did not)
+                for i in range(w):
+                    out[i] = np.int32(min(src[i] + np.float32(0.5), np.float32(255.0)))
+            else:
+                for i in range(w):
+                    out[i] = src[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _visible(plane, covered, gx0, gy0, row, box):  # pragma: no cover
+    """Turn a paste's raw mask (in ``plane``, inside ``row[:4]``) into its visible mask: clear what
+    later pastes (``covered``, over the group's box from ``gx0, gy0``) hide, then add it to
+    ``covered``; write its tight box into ``box`` and return its area."""
+    x0, y0, x1, y1 = row[0], row[1], row[2], row[3]
+    area = 0
+    bx0, by0, bx1, by1 = x1, y1, x0, y0
+    for y in range(y0, y1):
+        line, cover = plane[y], covered[y - gy0]
+        first, last = x1, x0
+        for x in range(x0, x1):
+            if line[x]:
+                if cover[x - gx0]:
+                    line[x] = 0
+                else:
+                    cover[x - gx0] = 1
+                    area += 1
+                    first = min(first, x)
+                    last = x + 1
+        if last > first:
+            bx0, bx1 = min(bx0, first), max(bx1, last)
+            by0, by1 = min(by0, y), y + 1
+    if area:
+        box[0], box[1], box[2], box[3] = bx0, by0, bx1, by1
+    return area
+
+
+@numba.njit(cache=True, nogil=True)
+def _cut(masks, covered, gx0, gy0, rows, cols, lost, boxes):  # pragma: no cover
+    """Clear ``covered`` (over the group's box from ``gx0, gy0``) from the existing masks whose
+    tight ``boxes`` (before any cut) meet it, keeping their row and column counts, and count what
+    each lost."""
+    gh, gw = covered.shape
+    for i in range(masks.shape[0]):
+        x0, y0, x1, y1 = boxes[i]
+        if x1 <= gx0 or x0 >= gx0 + gw or y1 <= gy0 or y0 >= gy0 + gh:  # empty masks have box 0
+            continue
+        plane, row_count, col_count = masks[i], rows[i], cols[i]
+        for y in range(gh):
+            line, cover = plane[gy0 + y, gx0 : gx0 + gw], covered[y]
+            for x in range(gw):
+                if cover[x] and line[x]:
+                    line[x] = 0
+                    row_count[gy0 + y] -= 1
+                    col_count[gx0 + x] -= 1
+                    lost[i] += 1

@@ -6,30 +6,39 @@ geometry, so both scale modes work) or the packed ``[B, K, 5, S, S]`` tensor of
 ``BankBatch.packed()`` (RGB, alpha, a plane filled with the class id; any integer or float dtype;
 no source geometry, so only ``scale_mode="relative"``). The staged batch size must equal the
 images' batch size: a mismatch raises rather than silently reusing or dropping crops.
+
+``BankCopyPaste`` can also take its objects from the batch itself (``CopyPasteConfig.in_batch``:
+the objects of the other images, ``instbank.paste.inbatch``), alone or mixed with bank crops, and
+carries keypoints (``instbank.paste.keypoints``) and panoptic maps (``instbank.paste.panoptic``)
+through the paste.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
-from instbank.paste import IMPLS, impl_module, paste, prepare_alpha, resolve_impl
+from instbank.paste import IMPLS, paste, prepared_alpha, resolve_impl
 from instbank.paste.annotations import (
     Instances,
-    annotate_rects,
     boxes_from_masks,
+    complete_instances,
     concat_instances,
-    object_pixels,
+    mask_nonempty,
     occlude_instances,
     paint_semantic,
+    paste_annotate_rects,
     paste_instances,
 )
-from instbank.paste.plan import CropGeometry, PastePlan, any_along, check_plan_args, draw_plan
-from instbank.paste.reference import check_inputs, composite_rects, default_value_range
+from instbank.paste.plan import MAX_UPSCALE, CropGeometry, PastePlan, any_along, check_plan_args, draw_plan
+from instbank.paste.reference import check_inputs, default_value_range
 from instbank.types import BankBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from instbank.paste.panoptic import PanopticSchema
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,10 @@ class CopyPasteConfig:
     - ``prob``: probability that each staged crop is pasted (all ``K`` can be)
     - ``scale_range``, ``scale_mode``: log-uniform size factor, ``"relative"`` to the target's
       shorter side or ``"native"`` to the object's size in its source image
+    - ``max_upscale``: no object is pasted larger than this times its size in its source image
+      (default 1.5; crops of tiny objects must not become blurred blobs); the factor is drawn
+      inside that bound. Packed crops (no source geometry) are bounded by their size in the crop.
+      ``None``: no bound
     - ``flip_prob``: horizontal flip probability
     - ``blend``: ``"gaussian"`` (alpha blurred with sigma uniform in ``sigma_range`` crop pixels),
       ``"hard"`` (alpha thresholded to 0/255) or ``"none"`` (stored alpha)
@@ -46,24 +59,51 @@ class CopyPasteConfig:
     - ``impl``: ``"auto"`` (Triton on CUDA, numba on CPU, each when installed), ``"triton"``,
       ``"numba"`` or ``"torch"`` (the reference); see ``instbank.paste``
     - ``value_range``: ``None`` -> 255 for uint8 images, 1.0 for float images
+    - ``in_batch``: probability that a paste slot takes an object of another image of the batch
+      instead of its bank crop (``instbank.paste.inbatch``; a slot whose source image has no object
+      left for it keeps its bank crop). 0: bank crops only (the default); 1: in-batch objects only,
+      no bank batch needed
+    - ``in_batch_k``, ``in_batch_crop_size``: pastes per image and crop side ``S`` of in-batch
+      objects when no bank batch is staged (with one: its ``K`` and ``S``)
+    - ``sampling_ratio``: samples per crop pixel and axis when in-batch objects are resampled (1, 2
+      or 4; RoIAlign's averaging, 2 as Mask R-CNN runs it)
+    - ``panoptic``: the ``PanopticSchema`` of the panoptic maps given to ``forward`` (None: no maps)
     """
 
     prob: float = 1.0
     scale_range: tuple[float, float] = (0.1, 0.5)
     scale_mode: str = "relative"
+    max_upscale: float | None = MAX_UPSCALE
     flip_prob: float = 0.5
     blend: str = "gaussian"
     sigma_range: tuple[float, float] = (0.5, 2.0)
     min_visible: float = 0.1
     impl: str = "auto"
     value_range: float | None = None
+    in_batch: float = 0.0
+    in_batch_k: int = 8
+    in_batch_crop_size: int = 128
+    sampling_ratio: int = 2
+    panoptic: "PanopticSchema | None" = None
 
     def __post_init__(self) -> None:
-        check_plan_args(self.scale_range, self.scale_mode, self.blend, self.sigma_range, self.prob, self.flip_prob)
+        check_plan_args(self.scale_range, self.scale_mode, self.blend, self.sigma_range, self.prob, self.flip_prob,
+                        self.max_upscale)
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if not 0 <= self.min_visible <= 1:
             raise ValueError(f"min_visible must be in [0, 1], got {self.min_visible}")
+        if not 0 <= self.in_batch <= 1:
+            raise ValueError(f"in_batch must be in [0, 1], got {self.in_batch}")
+        if self.in_batch_k < 0 or self.in_batch_crop_size < 1:
+            raise ValueError(f"in_batch_k must be >= 0 and in_batch_crop_size >= 1, got {self.in_batch_k} and "
+                             f"{self.in_batch_crop_size}")
+        from instbank.paste.inbatch import check_sampling_ratio
+        from instbank.paste.panoptic import PanopticSchema
+
+        check_sampling_ratio(self.sampling_ratio)
+        if self.panoptic is not None and not isinstance(self.panoptic, PanopticSchema):
+            raise TypeError(f"panoptic must be a PanopticSchema or None, got {type(self.panoptic).__name__}")
 
 
 class StagedPaste(NamedTuple):
@@ -74,18 +114,30 @@ class StagedPaste(NamedTuple):
     crops: torch.Tensor
 
 
-def stage(bank_batch: BankBatch | torch.Tensor) -> tuple[torch.Tensor, CropGeometry]:
-    """uint8 crops ``[B, K, 4, S, S]`` and their geometry from a ``BankBatch`` or a packed tensor."""
+class Staged(NamedTuple):
+    """What a source hands the plan and the compositing: uint8 crops ``[B, K, 4, S, S]`` (stored
+    alpha), their ``CropGeometry``, their keypoints float32 ``[B, K, J, 3]`` (crop pixels) and the
+    flip permutation int64 ``[J]`` (both None without keypoints)."""
+
+    crops: torch.Tensor
+    geometry: CropGeometry
+    keypoints: torch.Tensor | None = None
+    keypoint_flip: torch.Tensor | None = None
+
+
+def stage(bank_batch: BankBatch | torch.Tensor) -> Staged:
+    """The ``Staged`` crops of a ``BankBatch`` or of a packed tensor (no geometry, no keypoints)."""
     if isinstance(bank_batch, BankBatch):
-        return bank_batch.pixels, CropGeometry.from_bank_batch(bank_batch)
+        return Staged(bank_batch.pixels, CropGeometry.from_bank_batch(bank_batch), bank_batch.keypoints,
+                      bank_batch.keypoint_flip)
     packed = bank_batch
     if not isinstance(packed, torch.Tensor) or packed.dim() != 5 or packed.shape[2] != 5:
         shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
         raise ValueError(f"bank batch must be a BankBatch or a packed [B, K, 5, S, S] tensor, got {shape}")
-    crops = packed[:, :, :4].to(torch.uint8)
+    crops = packed[:, :, :4].to(torch.uint8, memory_format=torch.contiguous_format)  # once per staging
     ids = packed[:, :, 4, 0, 0]
     class_ids = (ids.round() if ids.is_floating_point() else ids).to(torch.int64)
-    return crops, CropGeometry.from_alpha(crops[:, :, 3], class_ids)
+    return Staged(crops, CropGeometry.from_alpha(crops[:, :, 3], class_ids))
 
 
 class BankSource(nn.Module):
@@ -94,12 +146,16 @@ class BankSource(nn.Module):
     def __init__(self, config: CopyPasteConfig | None = None, **overrides):
         super().__init__()
         self.config = replace(config if config is not None else CopyPasteConfig(), **overrides)
-        self._crops: torch.Tensor | None = None
-        self._geometry: CropGeometry | None = None
+        self._staged: Staged | None = None
 
     def set_bank_batch(self, bank_batch: BankBatch | torch.Tensor) -> None:
         """Stage the crops for the next call(s): a ``BankBatch`` or packed ``[B, K, 5, S, S]``."""
-        self._crops, self._geometry = stage(bank_batch)
+        self._staged = stage(bank_batch)
+
+    @property
+    def staged(self) -> Staged | None:
+        """The crops staged by ``set_bank_batch`` (None before the first call)."""
+        return self._staged
 
     def sample(
         self,
@@ -111,39 +167,51 @@ class BankSource(nn.Module):
     ) -> StagedPaste:
         """Draw a plan for the staged crops; crops and plan on ``device`` (default: the generator's
         device, else where the crops are). ``batch_size``, when given, must match the staged B."""
-        if self._crops is None or self._geometry is None:
+        staged = self.checked(batch_size)
+        if device is None:
+            device = generator.device if generator is not None else staged.crops.device
+        dev = torch.device(device)
+        plan = self.draw(staged.geometry, image_size, generator, padding_mask, dev)
+        return StagedPaste(plan, staged.crops.to(dev, non_blocking=True))
+
+    def checked(self, batch_size: int | None = None) -> Staged:
+        """The staged crops; ``RuntimeError`` when none are, ``ValueError`` when their B is not
+        ``batch_size``."""
+        if self._staged is None:
             raise RuntimeError("no bank batch staged: call set_bank_batch(bank_batch) before sampling")
-        staged_b = int(self._crops.shape[0])
+        staged_b = int(self._staged.crops.shape[0])
         if batch_size is not None and batch_size != staged_b:
             raise ValueError(
                 f"bank batch has B={staged_b} staged crop rows but the images have B={batch_size}; "
                 "stage one row of crops per image"
             )
-        if device is None:
-            device = generator.device if generator is not None else self._crops.device
-        dev = torch.device(device)
+        return self._staged
+
+    def draw(self, geometry: CropGeometry, image_size, generator, padding_mask, device: torch.device) -> PastePlan:
+        """``draw_plan`` of ``geometry`` with this source's configuration."""
         cfg = self.config
-        plan = draw_plan(
-            self._geometry,
+        return draw_plan(
+            geometry,
             image_size,
             generator,
             prob=cfg.prob,
             scale_range=cfg.scale_range,
             scale_mode=cfg.scale_mode,  # type: ignore[arg-type]
+            max_upscale=cfg.max_upscale,
             flip_prob=cfg.flip_prob,
             blend=cfg.blend,  # type: ignore[arg-type]
             sigma_range=cfg.sigma_range,
             padding_mask=padding_mask,
-            device=dev,
+            device=device,
         )
-        return StagedPaste(plan, self._crops.to(dev, non_blocking=True))
 
 
 class BankCopyPaste(nn.Module):
     """Pastes all ``K`` staged crops into each image and updates the annotations.
 
     ``forward(images, masks=None, boxes=None, labels=None, valid=None, semantic=None,
-    padding_mask=None, generator=None)`` returns a dict:
+    padding_mask=None, generator=None, keypoints=None, panoptic=None, keypoint_flip=None)`` returns
+    a dict:
 
     - ``images``: like the input (dtype, memory format)
     - ``masks`` ``[B, N+K, H, W]`` (existing then pasted; the existing masks' dtype, bool if none),
@@ -153,9 +221,25 @@ class BankCopyPaste(nn.Module):
       uint8), ``paste_boxes``, ``paste_labels``, ``paste_valid``
     - ``plan``: the ``PastePlan`` used (replay it with ``instbank.paste.paste``)
 
-    On CPU (``impl`` resolving to ``"numba"`` or ``"torch"``, bool or uint8 masks) the annotations are computed
-    inside each paste's rectangle and written once into the output (``annotate_rects``);
-    elsewhere by whole-mask torch ops without host synchronisation. Both give the same results.
+    With keypoints (``keypoints`` float ``[B, N, J, 3]`` of the existing instances in image pixels,
+    COCO's ``x, y, v``, and/or a bank batch carrying them): ``keypoints`` float32 ``[B, N+K, J, 3]``
+    aligned with ``masks``, and ``keypoints_dropped`` int64 ``[B]`` (labeled existing keypoints
+    found outside the image or in padding, made unlabeled); see ``instbank.paste.keypoints``.
+    ``keypoint_flip`` (``[J]`` ints) is the left/right permutation when no bank batch carries one.
+
+    With a panoptic map (``panoptic`` int ``[B, H, W]``, ids as ``config.panoptic`` says):
+    ``panoptic`` (painted) and ``segments`` (``instbank.paste.panoptic.Segments``, ``M`` existing
+    segments then the ``K`` pastes, aligned with ``masks[:, N:]``).
+
+    With in-batch objects (``config.in_batch > 0``): ``source_image`` int64 ``[B]`` and
+    ``source_instance`` int64 ``[B, K]`` (the instance of ``source_image`` each paste slot took, -1
+    for a bank crop).
+
+    On CPU (``impl`` resolving to ``"numba"`` or ``"torch"``, bool or uint8 masks) the annotations
+    are computed inside each paste's rectangle and written once into the output
+    (``paste_annotate_rects``: compiled in ``instbank.paste.cpu_kernel``, numpy in
+    ``instbank.paste.annotations``); elsewhere by whole-mask torch ops without host
+    synchronisation. All give the same results.
     """
 
     def __init__(self, config: CopyPasteConfig | None = None, **overrides):
@@ -180,18 +264,30 @@ class BankCopyPaste(nn.Module):
         semantic: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        keypoints: torch.Tensor | None = None,
+        panoptic: torch.Tensor | None = None,
+        keypoint_flip=None,
     ) -> dict:
         b, _, h, w = images.shape
-        staged = self.source.sample((h, w), generator, padding_mask, batch_size=b, device=images.device)
         existing = _existing_instances(masks, boxes, labels, valid, b, h, w, images.device)
-        on_cpu = all(t is None or t.device.type == "cpu" for t in (images, existing.masks, semantic, padding_mask))
+        if keypoints is not None:
+            from instbank.paste.keypoints import check_keypoints
+
+            check_keypoints(keypoints, b, existing.labels.shape[1])
+        if panoptic is not None:
+            _check_panoptic(panoptic, self.config, b, h, w)
         impl = resolve_impl(self.config.impl, images)
+        staged, origin = self._stage(images, existing, keypoints, generator, impl)
+        plan = self.source.draw(staged.geometry, (h, w), generator, padding_mask, images.device)
+        paste_plan = StagedPaste(plan, staged.crops.to(images.device, non_blocking=True))
+        on_cpu = all(t is None or t.device.type == "cpu" for t in (images, existing.masks, semantic, padding_mask))
         rects = on_cpu and existing.masks.dtype in (torch.bool, torch.uint8) and impl in ("numba", "torch")
         if rects:
-            blend = impl_module(impl).blend_rect
-            out, merged, pasted, painted = self._paste_in_rects(images, staged, existing, padding_mask, semantic, blend)
+            out, merged, pasted, painted = self._paste_in_rects(images, paste_plan, existing, padding_mask, semantic,
+                                                                impl)
         else:
-            out, merged, pasted, painted = self._paste_whole(images, staged, existing, padding_mask, semantic)
+            existing = complete_instances(existing)
+            out, merged, pasted, painted = self._paste_whole(images, paste_plan, existing, padding_mask, semantic)
         result = {
             "images": out,
             "masks": merged.masks,
@@ -202,11 +298,55 @@ class BankCopyPaste(nn.Module):
             "paste_boxes": pasted.boxes,
             "paste_labels": pasted.labels,
             "paste_valid": pasted.valid,
-            "plan": staged.plan,
+            "plan": plan,
         }
         if semantic is not None:
             result["semantic"] = painted
+        if keypoints is not None or staged.keypoints is not None:
+            _check_keypoint_count(keypoints, staged.keypoints)
+            flip = _keypoint_flip(keypoint_flip, staged, keypoints)
+            result["keypoints"], result["keypoints_dropped"] = _paste_keypoints(
+                keypoints, staged.keypoints, flip, plan, pasted.masks, padding_mask, impl, existing.labels.shape[1])
+        if panoptic is not None:
+            result["panoptic"], result["segments"] = _paste_panoptic(panoptic, pasted, self.config.panoptic, impl)
+        if origin is not None:
+            result["source_image"], result["source_instance"] = origin
         return result
+
+    def _stage(self, images, existing: Instances, keypoints, generator, impl: str):
+        """The crops of this step, ``Staged``: the bank batch's, in-batch objects, or a mix of both
+        (``config.in_batch``); and where in-batch ones come from (``None`` without them)."""
+        cfg = self.config
+        b = images.shape[0]
+        if cfg.in_batch == 0:
+            return self.source.checked(b), None
+        from instbank.paste import inbatch
+
+        bank = self.source.staged
+        if bank is None and cfg.in_batch < 1:
+            raise RuntimeError(f"no bank batch staged: in_batch={cfg.in_batch} mixes bank crops with in-batch objects; "
+                               "call set_bank_batch(bank_batch), or set in_batch=1")
+        if bank is not None:
+            bank = self.source.checked(b)
+            k, s = bank.crops.shape[1], bank.crops.shape[-1]
+        else:
+            k, s = cfg.in_batch_k, cfg.in_batch_crop_size
+        valid = existing.valid if existing.valid is not None else mask_nonempty(existing.masks)
+        draw = inbatch.draw_sources(valid, k, generator)
+        boxes = existing.boxes if existing.boxes is not None else boxes_from_masks(existing.masks)[0]
+        geometry = inbatch.object_geometry(boxes, draw, s)
+        pixels = inbatch.as_uint8(images, default_value_range(images.dtype, cfg.value_range))
+        resample = _target_impl(impl, inbatch).resample_objects
+        planes = existing.masks if existing.masks.dtype in (torch.bool, torch.uint8) else existing.masks != 0
+        crops = resample(pixels, planes, draw, geometry, s, cfg.sampling_ratio)
+        objects = Staged(crops, inbatch.crop_geometry(geometry, existing.labels, draw, s),
+                         None if keypoints is None else inbatch.crop_keypoints(keypoints, geometry, draw))
+        taken = draw.source_instance >= 0
+        if bank is not None:
+            taken &= torch.rand((b, k), generator=generator, device=taken.device) < cfg.in_batch
+            objects = _mix(taken, objects, bank, images.device)
+        origin = (draw.source_image, torch.where(taken, draw.source_instance, -1))
+        return objects, origin
 
     def _paste_whole(self, images, staged: StagedPaste, existing: Instances, padding_mask, semantic):
         """Any device: ``paste`` then the annotations by whole-mask ops (no host synchronisation)."""
@@ -220,32 +360,120 @@ class BankCopyPaste(nn.Module):
         painted = None if semantic is None else paint_semantic(semantic, visible, staged.plan.labels)
         return out, merged, pasted, painted
 
-    def _paste_in_rects(self, images, staged: StagedPaste, existing: Instances, padding_mask, semantic, blend):
-        """CPU: composite (per paste, ``blend``: a ``blend_rect``) and annotate inside each paste's
-        rectangle, writing every output once."""
+    def _paste_in_rects(self, images, staged: StagedPaste, existing: Instances, padding_mask, semantic, impl: str):
+        """CPU: composite and annotate inside each paste's rectangle, writing every output once
+        (``paste_annotate_rects`` of ``impl``: the numba kernel or the numpy reference)."""
+        if impl == "numba":  # imports numba, so only when asked for
+            from instbank.paste.cpu_kernel import paste_annotate_rects as run
+        else:
+            run = paste_annotate_rects
         cfg = self.config
         plan, crops = staged
-        b, _, h, w = images.shape
-        n, k = existing.labels.shape[1], crops.shape[1]
-        prepared = prepare_alpha(crops, plan)
-        check_inputs(images, prepared, plan, padding_mask)
-        out = torch.empty_like(images)
+        check_inputs(images, crops, plan, padding_mask)
         vrange = default_value_range(images.dtype, cfg.value_range)
-        groups = composite_rects(out, images, prepared, plan, padding_mask, vrange, blend)
-        masks = torch.empty((b, n + k, h, w), dtype=existing.masks.dtype)
-        painted = None if semantic is None else semantic.clone()
-        kept, pasted = annotate_rects(masks, groups, existing, plan, object_pixels(crops), cfg.min_visible, painted)
-        merged = Instances(
-            masks,
-            torch.cat([kept.boxes, pasted.boxes], dim=1),
-            torch.cat([kept.labels.to(torch.int64), pasted.labels], dim=1),
-            torch.cat([kept.valid, pasted.valid], dim=1),
-        )
-        return out, merged, pasted, painted
+        alpha = prepared_alpha(crops, plan)
+        return run(images, crops, alpha, plan, padding_mask, vrange, existing, cfg.min_visible, semantic)
+
+
+def _target_impl(impl: str, reference):
+    """The module implementing a target for a resolved ``impl``: ``instbank.paste.cpu_targets``
+    (numba), ``instbank.paste.triton_targets``, or the target's own reference module."""
+    if impl == "numba":
+        from instbank.paste import cpu_targets
+
+        return cpu_targets
+    if impl == "triton":
+        from instbank.paste import triton_targets
+
+        return triton_targets
+    return reference
+
+
+def _mix(taken: torch.Tensor, objects: Staged, bank: Staged, device) -> Staged:
+    """Per slot (bool ``[B, K]``), the in-batch object where ``taken``, else the bank crop."""
+    crops = torch.where(taken[:, :, None, None, None], objects.crops, bank.crops.to(device, non_blocking=True))
+    g, o = bank.geometry, objects.geometry
+    if g.source_side is None and o.source_side is not None:  # packed crops: their native size is their crop size
+        box = g.object_box.to(device)
+        bank_side = torch.maximum(box[..., 2] - box[..., 0], box[..., 3] - box[..., 1])
+    else:
+        bank_side = g.source_side.to(device)
+    geometry = CropGeometry(
+        torch.where(taken, o.class_ids, g.class_ids.to(device)),
+        o.crop_size,
+        torch.where(taken[..., None], o.object_box, g.object_box.to(device)),
+        torch.where(taken, o.source_side, bank_side),
+    )
+    keypoints = None
+    if objects.keypoints is not None or bank.keypoints is not None:
+        _check_keypoint_count(objects.keypoints, bank.keypoints)
+        ours = objects.keypoints if objects.keypoints is not None else torch.zeros_like(bank.keypoints).to(device)
+        theirs = bank.keypoints.to(device) if bank.keypoints is not None else torch.zeros_like(ours)
+        keypoints = torch.where(taken[..., None, None], ours, theirs.to(ours.dtype))
+    return Staged(crops, geometry, keypoints, bank.keypoint_flip)
+
+
+def _check_keypoint_count(keypoints, crop_keypoints) -> None:
+    if keypoints is not None and crop_keypoints is not None and keypoints.shape[2] != crop_keypoints.shape[2]:
+        raise ValueError(f"keypoints [B, N, J={keypoints.shape[2]}, 3] do not match the bank batch's keypoints "
+                         f"[B, K, J={crop_keypoints.shape[2]}, 3]")
+
+
+def _keypoint_flip(given, staged: Staged, keypoints) -> torch.Tensor:
+    """The left/right permutation int64 ``[J]``: ``given`` (checked), else the bank batch's; a
+    ``ValueError`` when neither is there (an identity would silently swap nothing)."""
+    j = (keypoints if keypoints is not None else staged.keypoints).shape[2]
+    if given is not None:
+        BankBatch.check_keypoint_flip(given, j, "keypoint_flip")
+        return torch.as_tensor(given, dtype=torch.int64)
+    if staged.keypoint_flip is None:
+        raise ValueError("keypoint_flip is needed to flip pasted keypoints (no bank batch carries one): pass "
+                         f"keypoint_flip=[...] of length J={j} (list(range(J)) when the skeleton has no pairs)")
+    BankBatch.check_keypoint_flip(staged.keypoint_flip, j, "BankBatch.keypoint_flip")
+    return staged.keypoint_flip
+
+
+def _paste_keypoints(keypoints, crop_keypoints, flip, plan: PastePlan, paste_masks, padding_mask, impl: str, n: int):
+    """``keypoints`` ``[B, N+K, J, 3]`` and ``keypoints_dropped`` ``[B]`` (``instbank.paste.keypoints``)."""
+    from instbank.paste import keypoints as spec
+
+    b, k = plan.apply.shape
+    dev = plan.apply.device
+    j = (keypoints if keypoints is not None else crop_keypoints).shape[2]
+    if crop_keypoints is None:
+        crop_keypoints = torch.zeros((b, k, j, 3), dtype=torch.float32, device=dev)
+    theirs = torch.zeros((b, n, j, 3), device=dev) if keypoints is None else keypoints.to(dev, torch.float32)
+    run = _target_impl(impl, spec).keypoints_after_paste
+    return run(theirs, crop_keypoints.to(dev), flip.to(dev), plan, paste_masks, padding_mask)
+
+
+def _check_panoptic(panoptic: torch.Tensor, config: CopyPasteConfig, b: int, h: int, w: int) -> None:
+    from instbank.paste.panoptic import check_map
+
+    if config.panoptic is None:
+        raise ValueError("a panoptic map was given but CopyPasteConfig.panoptic (its PanopticSchema) is None")
+    check_map(panoptic, b, h, w)
+
+
+def _paste_panoptic(panoptic, pasted: Instances, schema, impl: str):
+    """The painted map and its ``Segments`` (``instbank.paste.panoptic``)."""
+    from instbank.paste import panoptic as spec
+
+    if impl == "numba":
+        from instbank.paste import cpu_targets
+
+        return cpu_targets.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, pasted.boxes)
+    paint = spec.paint_map
+    if impl == "triton":
+        from instbank.paste import triton_targets
+
+        paint = triton_targets.paint_map
+    return spec.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, paint=paint)
 
 
 def _existing_instances(masks, boxes, labels, valid, b, h, w, device) -> Instances:
-    """The input instances, completed: boxes from masks and valid = mask not empty when absent."""
+    """The input instances, checked; ``boxes``/``valid`` stay None when not given
+    (``complete_instances`` derives them from the masks; the CPU kernel while copying them)."""
     if masks is None:
         if boxes is not None or labels is not None or valid is not None:
             raise ValueError("boxes/labels/valid of existing instances need their masks")
@@ -259,23 +487,4 @@ def _existing_instances(masks, boxes, labels, valid, b, h, w, device) -> Instanc
         raise ValueError(f"masks must be [B={b}, N, {h}, {w}], got {tuple(masks.shape)}")
     if labels is None:
         raise ValueError("labels are required with masks (int [B, N])")
-    if boxes is None:
-        boxes, nonempty = boxes_from_masks(masks)
-    elif valid is None:
-        nonempty = _nonempty(masks)
-    return Instances(
-        masks,
-        boxes.to(torch.float32),
-        labels.to(torch.int64),
-        nonempty if valid is None else valid.to(torch.bool),
-    )
-
-
-def _nonempty(masks: torch.Tensor) -> torch.Tensor:
-    """bool ``[B, N]``: masks ``[B, N, H, W]`` with a set pixel; for bool/uint8 on CPU, numpy's
-    uint8 ``max`` per mask (4 us for 512^2, against 13 us for ``any`` and 120 us for torch's
-    reduction over the flattened masks)."""
-    if masks.device.type != "cpu" or masks.dtype not in (torch.bool, torch.uint8):
-        return any_along(masks.flatten(2), -1)
-    planes = masks.view(torch.uint8).numpy().reshape(-1, *masks.shape[2:])
-    return torch.tensor([bool(m.max()) for m in planes], dtype=torch.bool).view(masks.shape[:2])
+    return Instances(masks, boxes, labels, valid)

@@ -3,7 +3,7 @@ other devices.
 
 ``instbank.paste.triton_kernel.paste_image`` implements the same function; both must agree (uint8
 images within 1 level, masks exactly). ``instbank.paste.cpu_kernel.paste_image`` is this module's
-CPU path with ``blend_rect`` compiled by numba: bit-identical results.
+CPU path compiled by numba (whole batch in one call): bit-identical results.
 
 Signature::
 
@@ -69,9 +69,8 @@ Two implementations of the same arithmetic, chosen by the images' device:
   exact int32 sums of the spec, summed in the other order. numpy rather than torch because at
   these sizes (~80 x 64 pixels per paste) torch's per-call overhead, its uint8/float comparisons
   and its last-axis ``index_select`` cost 2-10x more (torch 2.13, one thread). Visible masks are
-  written front to back inside the same rectangles. The per-paste step (``blend_rect``) is an
-  argument of ``paste_rects`` / ``composite_rects``: ``instbank.paste.cpu_kernel`` passes its
-  compiled twin, 3-4x faster, and reuses everything else here.
+  written front to back inside the same rectangles. ``instbank.paste.cpu_kernel`` is this path
+  compiled.
 - Other devices (``_paste_dense``, torch): each paste is evaluated over the whole image,
   vectorised over the batch, with no host synchronisation (the Triton kernel is the fast path
   there).
@@ -133,17 +132,16 @@ def paste_image(
     vrange = default_value_range(images.dtype, value_range)
     if images.device.type != "cpu":
         return _paste_dense(images, crops, plan, padding_mask, vrange)
-    return paste_rects(images, crops, plan, padding_mask, vrange, blend_rect)
+    return paste_rects(images, crops, plan, padding_mask, vrange)
 
 
-def paste_rects(images, crops, plan, padding_mask, vrange: float, blend) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU path of ``paste_image`` (inputs checked) with the per-paste function ``blend``
-    (``blend_rect`` here, ``instbank.paste.cpu_kernel.blend_rect`` compiled)."""
+def paste_rects(images, crops, plan, padding_mask, vrange: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path of ``paste_image`` (inputs checked)."""
     b, _, h, w = images.shape
     out = torch.empty_like(images)  # images without pastes are final: floor(x + 0.5) = x, cast(x) = x
     visible = torch.zeros((b, crops.shape[1], h, w), dtype=torch.bool)
     planes = visible.numpy()
-    for group in composite_rects(out, images, crops, plan, padding_mask, vrange, blend):
+    for group in composite_rects(out, images, crops, plan, padding_mask, vrange):
         for p, vis in zip(group, group_visible(group)[0]):
             planes[p.b, p.k, p.y0 : p.y1, p.x0 : p.x1] = vis
     return out, visible
@@ -203,12 +201,11 @@ def composite_rects(
     plan: PastePlan,
     padding_mask: torch.Tensor | None,
     vrange: float,
-    blend,
 ) -> list[list[Paste]]:
-    """Copy ``images`` into ``out`` (CPU, like ``images``) and blend every paste into it with
-    ``blend`` (``blend_rect`` or its compiled twin); return the pastes, with their raw masks, as
-    overlap groups: the pastes of one image whose rectangles overlap (directly or through others),
-    back to front, groups ordered by image.
+    """Copy ``images`` into ``out`` (CPU, like ``images``) and blend every paste into it
+    (``blend_rect``); return the pastes, with their raw masks, as overlap groups: the pastes of
+    one image whose rectangles overlap (directly or through others), back to front, groups
+    ordered by image.
 
     Each image is copied just before its pastes are blended, so that the tiles read it from the
     cache (0.1 ms per 512^2 image less than copying the whole batch first).
@@ -240,7 +237,7 @@ def composite_rects(
             for i in members:
                 p, (_, ki, x0, y0, x1, y1, *window) = rows[i]
                 local = (x0 - gx0, y0 - gy0, x1 - gx0, y1 - gy0)
-                raw = blend(tile, crop_px[bi, ki], taps_x, taps_y, p, region, gain, local, tuple(window))
+                raw = blend_rect(tile, crop_px[bi, ki], taps_x, taps_y, p, region, gain, local, tuple(window))
                 group.append(Paste(bi, ki, x0, y0, x1, y1, raw))
             for rect in [box] if len(group) == 1 else [q[2:6] for q in group]:
                 _store_rect(dst[bi], tile, rect, box, kind, vrange)

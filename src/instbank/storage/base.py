@@ -42,16 +42,19 @@ and the class table. It depends on content and order only, not on backend, shard
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from instbank.errors import BankError
 from instbank.storage.registry import BACKENDS, get_backend
+from instbank.storage.url import RemotePath, fetch_shard, is_url, location, read_all, safe_name, scratch_dir
 from instbank.types import META_DTYPE, BankCrop, ClassInfo, CropMeta
 
 #: 2: per-crop digests are BLAKE3 (was sha256 in 1; the layout is unchanged and 1 is still read).
@@ -62,6 +65,8 @@ SHARDS_DIR = "shards"
 #: The build's plan (shard ranges, config), written first so that a resumed build cuts the same shards.
 PLAN_FILE = "build.json"
 LOCK_FILE = ".lock"
+#: Where ``instbank pull`` assembles a shard before it is checked and moved into ``shards/``.
+PULL_DIR = ".pull"
 DIGEST_BYTES = 32
 
 
@@ -169,14 +174,21 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; ``BankError`` naming the file when it is missing, not JSON, or
-    not an object."""
+def read_json(path: Path | RemotePath, what: str) -> dict:
+    """A JSON object from ``path`` (a file, or an object at a URL); ``BankError`` naming the file
+    when it is missing, not JSON, or not an object."""
     try:
-        with open(path) as f:
-            obj = json.load(f)
+        if isinstance(path, RemotePath):
+            obj = json.loads(path.read_bytes())
+        else:
+            with open(path) as f:
+                obj = json.load(f)
     except FileNotFoundError:
         raise BankError(f"{path}: missing {what}") from None
+    except OSError as e:
+        if not isinstance(path, RemotePath):
+            raise
+        raise BankError(f"{path}: cannot read {what} ({' '.join(str(e).split())})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BankError(f"{path}: {what} is not valid JSON ({e})") from None
     except RecursionError:
@@ -186,11 +198,20 @@ def read_json(path: Path, what: str) -> dict:
     return obj
 
 
-def load_shard_array(path: Path, what: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """``np.load`` of a shard's index file, or a one-line ``BankError`` naming it when it cannot be
-    read or has the wrong dtype/shape (a truncated or foreign file must never be used)."""
+def load_npy(path: Path | RemotePath) -> np.ndarray:
+    """``np.load`` of a file or of an object at a URL (never a pickle: ``allow_pickle=False``)."""
+    if isinstance(path, RemotePath):
+        return np.load(io.BytesIO(path.read_bytes()))
+    return np.load(path)
+
+
+def load_shard_array(path: Path | RemotePath, what: str, dtype: np.dtype, shape: tuple[int, ...],
+                     data: bytes | None = None) -> np.ndarray:
+    """``np.load`` of a shard's index file (or of its bytes ``data``, read already), or a one-line
+    ``BankError`` naming it when it cannot be read or has the wrong dtype/shape (a truncated or
+    foreign file must never be used)."""
     try:
-        array = np.load(path)
+        array = np.load(io.BytesIO(data)) if data is not None else load_npy(path)
     except (OSError, ValueError) as e:
         raise BankError(f"{path}: cannot read {what} ({e})") from None
     if array.dtype != dtype or array.shape != shape:
@@ -200,12 +221,12 @@ def load_shard_array(path: Path, what: str, dtype: np.dtype, shape: tuple[int, .
 
 def load_shard_meta(shard_dir: Path, num_crops: int) -> np.ndarray:
     """META_DTYPE ``[num_crops]`` rows of ``shard_dir/meta.npy`` (checked)."""
-    return load_shard_array(Path(shard_dir) / "meta.npy", "crop index", META_DTYPE, (num_crops,))
+    return load_shard_array(location(shard_dir) / "meta.npy", "crop index", META_DTYPE, (num_crops,))
 
 
 def load_shard_digests(shard_dir: Path, num_crops: int) -> np.ndarray:
     """uint8 ``[num_crops, 32]`` of ``shard_dir/digests.npy`` (checked)."""
-    return load_shard_array(Path(shard_dir) / "digests.npy", "crop digests", np.dtype(np.uint8), (num_crops, DIGEST_BYTES))
+    return load_shard_array(location(shard_dir) / "digests.npy", "crop digests", np.dtype(np.uint8), (num_crops, DIGEST_BYTES))
 
 
 def classes_from_json(entries: Sequence[Mapping[str, Any]]) -> list[ClassInfo]:
@@ -213,17 +234,21 @@ def classes_from_json(entries: Sequence[Mapping[str, Any]]) -> list[ClassInfo]:
 
 
 def load_manifest(bank_dir: str | os.PathLike) -> dict:
-    """Read and check ``manifest.json``; raises ``BankError`` naming the file on any problem.
+    """Read and check ``manifest.json`` (of a bank directory or URL); raises ``BankError`` naming
+    the file on any problem.
 
     Every field a reader uses is checked for its type and range (``check_manifest``), so that a
     crafted or damaged manifest can neither point outside the bank directory nor make a reader
     allocate absurd amounts of memory."""
-    bank_dir = Path(bank_dir)
+    bank_dir = location(bank_dir)
     path = bank_dir / MANIFEST
-    if not bank_dir.is_dir():
-        raise BankError(f"{bank_dir}: no such bank directory")
-    if not path.exists():
-        raise BankError(f"{bank_dir}: not a finished instbank bank (no {MANIFEST}; an interrupted build?)")
+    try:
+        if not bank_dir.is_dir():
+            raise BankError(f"{bank_dir}: no such bank directory")
+        if not path.exists():
+            raise BankError(f"{bank_dir}: not a finished instbank bank (no {MANIFEST}; an interrupted build?)")
+    except OSError as e:  # a URL that cannot be listed (no credentials, no connection, no bucket)
+        raise BankError(f"{bank_dir}: cannot read the bank ({' '.join(str(e).split())})") from None
     manifest = read_json(path, "bank manifest")
     check_manifest(manifest, path)
     return manifest
@@ -232,8 +257,6 @@ def load_manifest(bank_dir: str | os.PathLike) -> dict:
 #: Bounds of what a reader accepts: far above any real bank, far below what would exhaust memory.
 MAX_CROP_SIZE = 16384
 MAX_CROPS = 1 << 40
-#: A shard directory or payload file name: one path component, no dots at all (no ``..``).
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 def _is_int(value: Any, lo: int, hi: int) -> bool:
@@ -243,7 +266,7 @@ def _is_int(value: Any, lo: int, hi: int) -> bool:
 def safe_member(directory: Path, name: Any, where: Path) -> Path:
     """``directory / name`` for a file name read from a bank's metadata; ``BankError`` naming
     ``where`` unless ``name`` is one plain path component (no separator, no ``..``)."""
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+    if not safe_name(name):
         raise BankError(f"{where}: {name!r} is not a plain file name inside the bank")
     return directory / name
 
@@ -311,9 +334,32 @@ def _check_shards(shards: Any, path: Path) -> None:
 
 
 def open_bank(path: str | os.PathLike) -> ShardedBank:
-    """Open a finished bank of any backend (dispatch on ``manifest["backend"]``)."""
+    """Open a finished bank of any backend (dispatch on ``manifest["backend"]``).
+
+    ``path`` may be a URL (``s3://bucket/bank``, any fsspec URL) of a bank whose backend reads
+    there (``READS_URLS``: WebDataset); a memmap or LMDB bank at a URL is a ``BankError`` saying
+    how to pull it (``instbank.storage.open_bank(URL, cache=DIR)`` does)."""
     manifest = load_manifest(path)
-    return get_backend(manifest["backend"]).Reader(path, manifest)
+    module = get_backend(manifest["backend"])
+    if is_url(path) and not getattr(module, "READS_URLS", False):
+        raise BankError(f"{path}: a {manifest['backend']} bank is read from local disk: pull it first "
+                        f"(instbank pull {path} DIR, or open_bank(URL, cache=DIR)); webdataset banks are read at a URL")
+    return module.Reader(path, manifest)
+
+
+@contextmanager
+def reading(path: str | os.PathLike) -> Iterator[ShardedBank]:
+    """The bank at ``path`` opened for one pass over its shards in order (convert, merge,
+    verify): a local bank as ``open_bank`` opens it; a bank at a URL, of any backend, with each
+    shard downloaded into a temporary directory when first read and removed by ``release``."""
+    if not is_url(path):
+        with open_bank(path) as bank:
+            yield bank
+        return
+    manifest = load_manifest(path)
+    with scratch_dir() as scratch, get_backend(manifest["backend"]).Reader(path, manifest) as bank:
+        bank.fetch_to(scratch)
+        yield bank
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +444,7 @@ class ShardedBank:
     backend = ""
 
     def __init__(self, path: str | os.PathLike, manifest: dict | None = None):
-        self.path = Path(path)
+        self.path = location(path)
         self.manifest = manifest if manifest is not None else load_manifest(self.path)
         if self.manifest["backend"] != self.backend:
             raise BankError(f"{self.path / MANIFEST}: backend is {self.manifest['backend']!r}, not {self.backend!r}")
@@ -413,6 +459,7 @@ class ShardedBank:
         self._meta: np.ndarray | None = None
         self._handles: dict[int, Any] = {}
         self._pid: int | None = None
+        self._scratch: Path | None = None
 
     # ---- per-process payload handles
     def __getstate__(self) -> dict:
@@ -431,13 +478,41 @@ class ShardedBank:
         h = self._handles.get(shard)
         if h is None:
             entry = self._shards[shard]
-            sdir = self.path / SHARDS_DIR / entry["dir"]
             try:
-                h = self._handles[shard] = self._open_payload(sdir, entry)
+                h = self._handles[shard] = self._open_payload(self.payload_dir(shard), entry)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
                 # A payload description that is not what this backend wrote (damaged or crafted).
                 raise BankError(f"{self.path / MANIFEST}: shard {entry['dir']}: malformed payload description ({e!r})") from None
+            except BankError as e:
+                if self._scratch is None:
+                    raise
+                raise self._named(e) from None
         return h
+
+    # ---- a bank at a URL read shard by shard (instbank.storage.remote)
+    def fetch_to(self, scratch: Path) -> None:
+        """Read this bank's payloads from local copies under ``scratch``: each shard is downloaded
+        when first read and removed by ``release`` (for a pass over the shards in order)."""
+        self._scratch = Path(scratch)
+
+    def payload_dir(self, shard: int) -> Path | RemotePath:
+        """Where shard ``shard``'s payload files are read: its directory, or its local copy."""
+        sdir = self.path / SHARDS_DIR / self._shards[shard]["dir"]
+        if self._scratch is None:
+            return sdir
+        return fetch_shard(sdir, self._scratch / SHARDS_DIR / self._shards[shard]["dir"])
+
+    def release(self, shard: int) -> None:
+        """Close shard ``shard``'s payload in this process and remove its local copy, if any."""
+        h = self._handles.pop(shard, None) if self._pid == os.getpid() else None
+        if h is not None:
+            self._close_payload(h)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch / SHARDS_DIR / self._shards[shard]["dir"], ignore_errors=True)
+
+    def _named(self, error: BankError) -> BankError:
+        """``error`` naming the bank's URL where it names a local copy of a shard."""
+        return BankError(str(error).replace(str(self._scratch), str(self.path)))
 
     def close(self) -> None:
         """Close payload handles of this process (safe to call more than once)."""
@@ -496,14 +571,19 @@ class ShardedBank:
             return out
         shard_of = np.searchsorted(self._starts, idx, side="right") - 1
         first = shard_of[0]
-        if (shard_of == first).all():  # the common case: one gather straight into `out`
-            self._read(self._handle(int(first)), idx - self._starts[first], out)
-            return out
-        for shard in np.unique(shard_of):
-            pos = np.flatnonzero(shard_of == shard)
-            part = np.empty((len(pos), 4, s, s), np.uint8)
-            self._read(self._handle(int(shard)), idx[pos] - self._starts[shard], part)
-            out[pos] = part
+        try:
+            if (shard_of == first).all():  # the common case: one gather straight into `out`
+                self._read(self._handle(int(first)), idx - self._starts[first], out)
+                return out
+            for shard in np.unique(shard_of):
+                pos = np.flatnonzero(shard_of == shard)
+                part = np.empty((len(pos), 4, s, s), np.uint8)
+                self._read(self._handle(int(shard)), idx[pos] - self._starts[shard], part)
+                out[pos] = part
+        except BankError as e:
+            if self._scratch is None:
+                raise
+            raise self._named(e) from None
         return out
 
     def __getitem__(self, i) -> BankCrop:
@@ -521,7 +601,10 @@ class ShardedBank:
     def meta_table(self) -> np.ndarray:
         """META_DTYPE ``[N]`` structured array, one row per crop (loaded once per process)."""
         if self._meta is None:
-            parts = [load_shard_meta(self.path / SHARDS_DIR / s["dir"], s["num_crops"]) for s in self._shards]
+            files = [self.path / SHARDS_DIR / s["dir"] / "meta.npy" for s in self._shards]
+            blobs = read_all(files)  # at a URL: fetched together, not one request after another
+            parts = [load_shard_array(f, "crop index", META_DTYPE, (s["num_crops"],), blob)
+                     for f, s, blob in zip(files, self._shards, blobs)]
             meta = np.concatenate(parts) if parts else np.empty(0, META_DTYPE)
             ids = meta["class_id"]
             if len(ids) and (ids.min() < 0 or ids.max() >= len(self.classes)):

@@ -13,6 +13,10 @@ the same bytes); recomputed from the pixels when a remap changes a class id (it 
 crop's digest). ``check_digests`` also recomputes each input crop's digest and stops at the first
 that differs from its ``digests.npy`` (``BankError``): a corrupt input is never copied into a bank
 whose hashes would then vouch for it.
+
+Each input shard is released once copied (``ShardedBank.release``): its payload is closed and, for
+a bank at a URL (read shard by shard, ``base.reading``), its local copy removed, so a copy from
+object storage needs local disk for one input shard and one output shard.
 """
 
 from __future__ import annotations
@@ -91,12 +95,20 @@ def _input_shards(sources, check_digests: bool, progress) -> Iterator[tuple[Iter
     for source in sources:
         bank, remap = source
         changes_ids = remap is not None and not np.array_equal(remap, np.arange(len(remap)))
-        for sdir, entry, start in bank.iter_shards():
+        for shard_no, (sdir, entry, start) in enumerate(bank.iter_shards()):
             info = read_json(sdir / SHARD_MANIFEST, "shard manifest")
             skipped = info.get("skipped", {})
             if not (isinstance(skipped, dict) and all(isinstance(v, int) for v in skipped.values())):
                 raise BankError(f"{sdir / SHARD_MANIFEST}: 'skipped' must map reasons to counts")
-            yield _pieces(bank, sdir, entry["num_crops"], start, remap if changes_ids else None, check_digests, progress), info
+            pieces = _pieces(bank, sdir, entry["num_crops"], start, remap if changes_ids else None, check_digests, progress)
+            yield _released(pieces, bank, shard_no), info
+
+
+def _released(pieces: Iterator[Piece], bank: ShardedBank, shard_no: int) -> Iterator[Piece]:
+    try:
+        yield from pieces
+    finally:
+        bank.release(shard_no)
 
 
 def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_digests: bool, progress) -> Iterator[Piece]:

@@ -11,6 +11,7 @@ name keeps the ``source_id`` of the first bank that has it. So merging banks who
 equal changes no id, and the merged bank of the parts of a build has the same content hash (and
 ``version``) as the whole build. Each crop's ``class_id`` in ``meta.npy`` is remapped; where an id
 changes, the crop's digest (which covers it) is recomputed from the pixels, else it is copied.
+Inputs and output may be URLs (``s3://bucket/bank``), as for ``convert``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from instbank.errors import BankError, BuildError
-from instbank.storage.base import open_bank
+from instbank.storage.base import reading
 from instbank.storage.convert import check_apart
 from instbank.storage.copy import CopySource, copy_banks
 from instbank.storage.registry import get_backend
+from instbank.storage.url import location
 from instbank.storage.writer import BankWriter
 from instbank.types import ClassInfo, ProgressFn
 
@@ -78,12 +80,12 @@ def merge_banks(
     ``progress(0, n)`` is called after every chunk of ``n`` crops. The manifest is written last:
     an interrupted merge leaves no bank.
     """
-    paths, out = [Path(p) for p in paths], Path(out)
+    paths, out = [location(p) for p in paths], location(out)
     if not paths:
         raise BuildError(f"{out}: nothing to merge (give at least one bank)")
     check_apart(paths, out)
     with ExitStack() as stack:
-        banks = [stack.enter_context(open_bank(p)) for p in paths]
+        banks = [stack.enter_context(reading(p)) for p in paths]
         return _merge(paths, banks, out, backend, overwrite, options, shard_crops, progress)
 
 

@@ -4,11 +4,16 @@
 meta row, compares them with ``digests.npy``, recomputes each shard hash and the bank content hash,
 and checks the manifest's counts, version and class frequencies. Problems name the file at fault
 and, for crops, the first bad global index and its shard.
+
+A bank at a URL is verified the same way, one shard at a time: its small files are read where they
+are, each shard's payload is downloaded into a temporary directory, checked and removed; problems
+name the objects at the URL.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +30,7 @@ from instbank.storage.base import (
     content_hash,
     crop_digests,
     load_manifest,
+    load_npy,
     load_shard_digests,
     load_shard_meta,
     make_version,
@@ -34,6 +40,7 @@ from instbank.storage.base import (
 )
 from instbank.storage.copy import chunk_length
 from instbank.storage.registry import get_backend
+from instbank.storage.url import RemotePath, location, scratch_dir
 from instbank.types import ProgressFn
 
 
@@ -142,7 +149,7 @@ def _payload_file(sdir: Path, payload: Mapping[str, Any], local: int) -> Path:
     try:
         if "file" in payload:
             return safe_member(sdir, payload["file"], sdir)
-        tar = int(np.load(safe_member(sdir, payload["index"], sdir))["tar"][local])
+        tar = int(load_npy(safe_member(sdir, payload["index"], sdir))["tar"][local])
         return safe_member(sdir, payload["tars"][tar]["file"], sdir)
     except (OSError, ValueError, KeyError, IndexError, TypeError, BankError):
         return sdir
@@ -200,7 +207,7 @@ def _check_pixels(bank: ShardedBank, shard_no: int, files: _ShardFiles, report: 
 def verify_bank(path: str | os.PathLike, progress: ProgressFn | None = None) -> VerifyReport:
     """Check every crop and every hash of the bank at ``path``; never raises for a bad bank (see
     ``VerifyReport.ok``/``raise_for_problems``). ``progress(0, n)`` is called per chunk of ``n`` crops."""
-    report = VerifyReport(Path(path))
+    report = VerifyReport(location(path))
     try:
         manifest = load_manifest(path)
     except BankError as e:
@@ -219,26 +226,65 @@ def verify_bank(path: str | os.PathLike, progress: ProgressFn | None = None) -> 
     except (BankError, ValueError) as e:
         report.add(str(e), file=report.path / MANIFEST)
         return report
-    with bank:
+    with ExitStack() as stack:
+        stack.enter_context(bank)
+        if isinstance(report.path, RemotePath):
+            bank.fetch_to(stack.enter_context(scratch_dir()))
+        extras: list[VerifyProblem] = []  # reported after every shard's pixels, as they always were
         for shard_no, files in enumerate(shards):
-            if files.meta is not None and files.digests is not None:
-                _check_pixels(bank, shard_no, files, report, progress)
-    _check_payload_extras(manifest["backend"], shards, report)
+            _check_shard_payload(bank, shard_no, files, report, extras, progress)
+        report.problems.extend(extras)
     return report
 
 
-def _check_payload_extras(backend: str, shards: list[_ShardFiles], report: VerifyReport) -> None:
+def verify_shard(bank: ShardedBank, shard_no: int, report: VerifyReport, progress: ProgressFn | None = None) -> None:
+    """``verify_bank``'s checks of one shard of ``bank`` (its files against the manifest entry,
+    every crop against its digest, the backend's own payload check), problems added to
+    ``report``; the bank-wide checks (content hash, class frequencies) are the caller's."""
+    entry = bank.manifest["shards"][shard_no]
+    files = _check_shard_files(bank.path / SHARDS_DIR / entry["dir"], entry, int(bank._starts[shard_no]), report)
+    extras: list[VerifyProblem] = []
+    _check_shard_payload(bank, shard_no, files, report, extras, progress)
+    report.problems.extend(extras)
+
+
+def _check_shard_payload(bank: ShardedBank, shard_no: int, files: _ShardFiles, report: VerifyReport,
+                         extras: list[VerifyProblem], progress) -> None:
+    """Pixels against digests (problems to ``report``), then the backend's payload hook (problems
+    to ``extras``); the shard is released afterwards (its local copy removed, at a URL)."""
+    try:
+        if files.meta is not None and files.digests is not None:
+            _check_pixels(bank, shard_no, files, report, progress)
+        if files.meta is not None:
+            extras.extend(_payload_extras(bank, shard_no, files))
+    finally:
+        bank.release(shard_no)
+
+
+def _payload_extras(bank: ShardedBank, shard_no: int, files: _ShardFiles) -> list[VerifyProblem]:
     """A backend's own ``verify_payload(shard_dir, shard, meta)`` hook, where it has one (the
     webdataset tars carry class ids and meta of their own, outside the digests)."""
-    hook = getattr(get_backend(backend), "verify_payload", None)
+    hook = getattr(get_backend(bank.manifest["backend"]), "verify_payload", None)
     if hook is None:
-        return
-    for files in shards:
-        if files.meta is None:
-            continue
-        for message, file, local in hook(files.dir, files.entry, files.meta):
-            if local is None:
-                report.add(message, file=file, shard_dir=files.dir)
-            else:
-                where = f" (crop {files.start + local}, shard {files.dir.name}, local {local})"
-                report.add(message + where, file=file, index=files.start + local, shard_dir=files.dir)
+        return []
+    try:
+        local_dir = bank.payload_dir(shard_no)  # at a URL: the shard's local copy
+    except BankError as e:  # a shard at a URL that cannot be downloaded
+        return [VerifyProblem(str(e), shard_dir=files.dir)]
+    problems = []
+    for message, file, local in hook(local_dir, files.entry, files.meta):
+        message, file = _at_url(bank, message), _at_url(bank, file)
+        if local is None:
+            problems.append(VerifyProblem(message, file=file, shard_dir=files.dir))
+        else:
+            where = f" (crop {files.start + local}, shard {files.dir.name}, local {local})"
+            problems.append(VerifyProblem(message + where, file=file, index=files.start + local, shard_dir=files.dir))
+    return problems
+
+
+def _at_url(bank: ShardedBank, value):
+    """A message or path that names a shard's local copy, naming the bank's URL instead."""
+    if bank._scratch is None or value is None:
+        return value
+    text = str(value).replace(str(bank._scratch), str(bank.path))
+    return text if isinstance(value, str) else location(text)

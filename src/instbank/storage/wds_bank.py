@@ -26,6 +26,10 @@ dot). Members of one sample are written in sorted order: ``.cls``, ``.json``, th
 ``shard.json["payload"]`` = ``{"tars": [{"file", "size", "count"}], "index": "index.npy",
 "codec", "member", "level"}``; the manifest's ``backend_options`` holds codec, level, maxcount and
 maxsize. The reader checks that every tar has its recorded size and that the index fits inside.
+
+A bank at a URL (``open_bank("s3://...")``) is read in place: ``get_many`` fetches each crop's
+pixel member by a range request (fsspec ``cat_ranges``: the requests of one call run
+concurrently), ``stream`` opens each tar with fsspec and reads it once, front to back.
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from instbank.errors import BankError
-from instbank.storage.base import MANIFEST, SHARD_MANIFEST, ShardedBank, merge_options, safe_member, save_npy_atomic
+from instbank.storage.base import (
+    MANIFEST, SHARD_MANIFEST, ShardedBank, load_npy, merge_options, safe_member, save_npy_atomic,
+)  # fmt: skip
 from instbank.storage.codec import frame_compressor, zstd_decode_into
 from instbank.storage.registry import CODECS
+from instbank.storage.url import RemotePath, filesystem, store_errors
 from instbank.types import BankCrop, CropMeta
 
 TAR_PATTERN = "bank-%06d.tar"
@@ -54,6 +61,8 @@ assert tuple(MEMBERS) == CODECS["webdataset"], "a codec without its member name 
 # One tar per 1 GB by default: big enough for streaming throughput, small enough to spread
 # over DataLoader workers and nodes (WebDataset splits a bank by tar file).
 DEFAULT_OPTIONS: Mapping[str, Any] = {"codec": "zstd", "level": 3, "maxcount": 100_000, "maxsize": 1_000_000_000}
+#: ``open_bank`` reads banks of this backend at a URL (by range requests), without pulling them.
+READS_URLS = True
 
 
 def writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +251,43 @@ class _TarShard:
             m.close()
 
 
+class _RemoteTarShard:
+    """One shard's tars at a URL plus its member index: a read is one range request per crop."""
+
+    def __init__(self, urls: list[RemotePath], tars: list[dict], index: np.ndarray, codec: str):
+        self.urls, self.index, self.codec = urls, index, codec
+        self.fs = filesystem(urls[0])[0] if urls else None
+        self.keys = [u.fs()[1] for u in urls]
+        for url, key, tar in zip(urls, self.keys, tars):
+            try:
+                with store_errors(url):
+                    size = self.fs.size(key)
+            except FileNotFoundError:
+                raise BankError(f"{url}: tar file missing") from None
+            except OSError as e:
+                raise BankError(f"{url}: cannot read the tar file ({' '.join(str(e).split())})") from None
+            if size != tar["size"]:
+                raise BankError(f"{url}: tar file has {size} bytes, expected {tar['size']} (truncated?)")
+
+    def read(self, local: np.ndarray, out: np.ndarray) -> None:
+        rows = self.index[local]
+        starts = rows["offset"].tolist()
+        ends = (rows["offset"] + rows["size"]).tolist()
+        with store_errors(self.urls[0]):
+            blobs = self.fs.cat_ranges([self.keys[t] for t in rows["tar"].tolist()], starts, ends, on_error="return")
+        for k, data in enumerate(blobs):
+            tar = int(rows["tar"][k])
+            if isinstance(data, BaseException):
+                raise BankError(f"{self.urls[tar]} member of crop {int(local[k])}: cannot read ({' '.join(str(data).split())})")
+            try:
+                decode_member_into(self.codec, data, out[k])
+            except ValueError as e:
+                raise BankError(f"{self.urls[tar]} member of crop {int(local[k])}: stored crop {e} (corrupt)") from None
+
+    def close(self) -> None:
+        pass
+
+
 def _map_tar(path: Path, expected: int) -> mmap.mmap:
     try:
         with open(path, "rb") as f:
@@ -255,7 +301,7 @@ def _map_tar(path: Path, expected: int) -> mmap.mmap:
 
 def _load_index(path: Path, num_crops: int, tars: list[dict]) -> np.ndarray:
     try:
-        index = np.load(path)
+        index = load_npy(path)
     except (OSError, ValueError) as e:
         raise BankError(f"{path}: cannot read the tar member index ({e})") from None
     if index.dtype != INDEX_DTYPE or len(index) != num_crops:
@@ -263,7 +309,10 @@ def _load_index(path: Path, num_crops: int, tars: list[dict]) -> np.ndarray:
     if len(index):
         if index["tar"].min() < 0 or index["tar"].max() >= len(tars):
             raise BankError(f"{path}: refers to tar files the shard does not have")
-        sizes = np.array([t["size"] for t in tars], np.int64)
+        try:
+            sizes = np.array([t["size"] for t in tars], np.int64)
+        except OverflowError:  # a crafted size: callers report a malformed payload description
+            raise ValueError("tar sizes beyond int64") from None
         if (index["offset"] + index["size"] > sizes[index["tar"]]).any():
             raise BankError(f"{path}: member offsets point past the end of their tar files")
     return index
@@ -370,6 +419,8 @@ class Reader(ShardedBank):
         where = shard_dir / SHARD_MANIFEST
         index = _load_index(safe_member(shard_dir, payload.get("index"), where), shard["num_crops"], payload["tars"])
         paths = [safe_member(shard_dir, t["file"], where) for t in payload["tars"]]
+        if isinstance(shard_dir, RemotePath):
+            return _RemoteTarShard(paths, payload["tars"], index, payload["codec"])
         maps = [_map_tar(p, t["size"]) for p, t in zip(paths, payload["tars"])]
         return _TarShard(paths, maps, index, payload["codec"])
 
@@ -387,8 +438,8 @@ class Reader(ShardedBank):
         - ``shuffle``: sample shuffle buffer size (0: bank order within each tar); when > 0 the
           tar order is shuffled too.
         - ``resampled``: draw tars with replacement, forever (for ``with_epoch`` style training).
-        - ``urls``: tar urls to read (default: this bank's files); any WebDataset url works, e.g.
-          ``pipe:aws s3 cp s3://bucket/bank/shards/000000/bank-000000.tar -``.
+        - ``urls``: tar urls to read (default: this bank's files, at its URL when it has one); any
+          WebDataset url works, e.g. ``pipe:aws s3 cp s3://bucket/bank/shards/000000/bank-000000.tar -``.
 
         Without ``resampled``, every crop comes once per epoch over all DataLoader workers and
         ranks together (tars are dealt out by ``split_by_node`` then ``split_by_worker``: give at
@@ -402,6 +453,32 @@ class Reader(ShardedBank):
             urls, shardshuffle=shard_shuffle, resampled=resampled, nodesplitter=wds.split_by_node,
             workersplitter=wds.split_by_worker, empty_check=False, seed=seed,
         )  # fmt: skip
+        if isinstance(self.path, RemotePath):
+            _open_with_fsspec(pipeline)
         if shuffle:
             pipeline = pipeline.shuffle(shuffle)
         return pipeline.map(partial(decode_sample, crop_size=self._s, codec=self.codec))
+
+
+class OpenWithFsspec:
+    """A WebDataset pipeline stage: ``{"url"}`` -> ``{"url", "stream"}``, each tar opened with
+    fsspec (WebDataset's own opener knows local files and its ``gopen`` schemes, not ``s3://``
+    or most fsspec protocols). Module-level: pickles into DataLoader workers."""
+
+    def __call__(self, sources):
+        for source in sources:
+            url = source["url"] if isinstance(source, dict) else source
+            fs, path = filesystem(url)
+            with store_errors(url):
+                stream = fs.open(path, "rb")
+            yield {"url": url, "stream": stream}
+
+
+def _open_with_fsspec(pipeline) -> None:
+    """Replace the pipeline's tar opener (``webdataset.cache.StreamingOpen``) by ``OpenWithFsspec``."""
+    from webdataset.cache import StreamingOpen
+
+    stages = [k for k, stage in enumerate(pipeline.pipeline) if isinstance(stage, StreamingOpen)]
+    if len(stages) != 1:  # WDS_CACHE set (a FileCache opener), or a webdataset that builds pipelines otherwise
+        raise BankError(f"cannot stream a bank at a URL with this webdataset pipeline ({len(stages)} StreamingOpen stages; unset WDS_CACHE)")
+    pipeline.pipeline[stages[0]] = OpenWithFsspec()

@@ -15,11 +15,17 @@ The lock is an advisory ``flock`` held by an open file description: released whe
 (and any child forked while it was held) has closed it, and by the kernel when they die, so a
 killed build never leaves a stale lock behind. ``flock`` does not work across NFS clients on all
 servers; docs/scale-out.md says what that means for a shared bank directory.
+
+A bank at a URL (``s3://bucket/bank``, any fsspec URL) is written the same way through a local
+staging directory: ``shard_dir`` is there, each finished shard is uploaded by ``ShardWriter`` (and
+its local copy removed), the manifest is uploaded last, and the lock is a lock object
+(``instbank.storage.remote``, which also says how commit-last holds on a store without rename).
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -38,6 +44,7 @@ from instbank.storage.base import (
     LOCK_FILE,
     MANIFEST,
     PLAN_FILE,
+    PULL_DIR,
     SHARD_MANIFEST,
     SHARDS_DIR,
     PayloadWriter,
@@ -49,13 +56,16 @@ from instbank.storage.base import (
     write_json_atomic,
 )
 from instbank.storage.registry import get_backend
+from instbank.storage import remote
+from instbank.storage.url import RemotePath, is_url, location, make_staging
 from instbank.types import META_DTYPE, ClassInfo
 from instbank.version import __version__
 
 WriteMode = Literal["new", "overwrite", "resume"]
 WRITE_MODES = ("new", "overwrite", "resume")
-#: What a bank directory may hold; anything else means it is someone else's folder.
-_OWN_ENTRIES = frozenset({MANIFEST, PLAN_FILE, SHARDS_DIR, LOCK_FILE, MANIFEST + ".tmp", PLAN_FILE + ".tmp"})
+#: What a bank directory may hold; anything else means it is someone else's folder (``PULL_DIR``:
+#: where ``instbank pull`` assembles a shard).
+_OWN_ENTRIES = frozenset({MANIFEST, PLAN_FILE, SHARDS_DIR, LOCK_FILE, MANIFEST + ".tmp", PLAN_FILE + ".tmp", PULL_DIR})
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +195,7 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.result = self._commit()
+            remote.publish_staged(self.shard_dir)  # a shard of a bank at a URL goes there now
         else:
             self.payload.abort()
 
@@ -236,11 +247,26 @@ def finished_shard(shard_dir: Path) -> ShardResult | None:
         digests = np.load(Path(shard_dir) / "digests.npy")
     except (OSError, ValueError):
         return None
+    return checked_result(Path(shard_dir).name, info, digests)
+
+
+def _result_of_bytes(name: str, info: bytes, digests: bytes) -> ShardResult | None:
+    """``finished_shard`` of a shard's ``shard.json`` and ``digests.npy`` read from a URL."""
+    try:
+        return checked_result(name, json.loads(info), np.load(io.BytesIO(digests)))
+    except (OSError, ValueError):
+        return None
+
+
+def checked_result(name: str, info: Any, digests: np.ndarray) -> ShardResult | None:
+    """``ShardResult`` of a shard's ``shard.json`` content and digests, when they agree, else None."""
+    if not isinstance(info, dict):
+        return None
     if digests.dtype != np.uint8 or digests.shape != (info.get("num_crops"), DIGEST_BYTES):
         return None
     if shard_hash(digests) != info.get("hash"):
         return None
-    return ShardResult(Path(shard_dir).name, info, digests)
+    return ShardResult(name, info, digests)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,9 +279,12 @@ def check_destination(path: str | os.PathLike, mode: WriteMode, probe_lock: bool
 
     Cheap enough to call before any input is read, so that a typo costs nothing; ``BankWriter``
     checks again under the lock."""
-    path = Path(path)
     if mode not in WRITE_MODES:
         raise ValueError(f"mode must be one of {WRITE_MODES}, got {mode!r}")
+    if is_url(path):
+        remote.check_destination(RemotePath(path), mode, _OWN_ENTRIES, probe_lock)
+        return
+    path = Path(path)
     if not path.exists():
         return
     if not path.is_dir():
@@ -278,6 +307,9 @@ class BankWriter:
     ``mode``: ``"new"`` refuses a finished bank and clears an unfinished one; ``"overwrite"``
     clears a finished one too (its manifest first, so that it stops being a bank before any shard
     goes); ``"resume"`` keeps what is there (``finished`` tells which shards can be reused).
+
+    ``path`` may be a URL: ``path`` is then a ``RemotePath``, shards are written under
+    ``staging`` (a local directory, removed on exit) and uploaded as each is finished.
     """
 
     def __init__(
@@ -290,7 +322,8 @@ class BankWriter:
     ):
         if isinstance(crop_size, bool) or not isinstance(crop_size, (int, np.integer)) or crop_size < 1:
             raise ValueError(f"crop size must be a positive integer, got {crop_size!r}")
-        self.path = Path(path)
+        self.path = location(path)
+        self.staging: Path | None = None
         self.backend = backend
         self.crop_size = int(crop_size)
         self.options = writer_options(backend, options)  # bad options: BuildError before any write
@@ -299,6 +332,8 @@ class BankWriter:
         self._lock: DirectoryLock | None = None
 
     def __enter__(self) -> BankWriter:
+        if isinstance(self.path, RemotePath):
+            return self._enter_remote()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -313,7 +348,22 @@ class BankWriter:
         self._lock = lock
         return self
 
+    def _enter_remote(self) -> BankWriter:
+        lock = remote.StoreLock(self.path).__enter__()
+        try:
+            check_destination(self.path, self.mode, probe_lock=False)
+            remote.prepare(self.path, self.mode)
+            self.staging = make_staging(json.dumps({"url": str(self.path), "owner": lock.owner}))
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+        self._lock = lock
+        return self
+
     def __exit__(self, *exc) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
         if self._lock is not None:
             self._lock.__exit__(*exc)
             self._lock = None
@@ -331,7 +381,8 @@ class BankWriter:
             raise BuildError(f"{self.path}: output directory is not writable")
 
     def shard_dir(self, name: str) -> Path:
-        return self.path / SHARDS_DIR / name
+        """Where shard ``name`` is written (in the staging directory for a bank at a URL)."""
+        return (self.path if self.staging is None else self.staging) / SHARDS_DIR / name
 
     def shard(self, name: str) -> ShardWriter:
         """A ``ShardWriter`` for shard ``name`` of this bank (in this process)."""
@@ -339,7 +390,30 @@ class BankWriter:
 
     def finished(self, name: str) -> ShardResult | None:
         """Shard ``name`` as an earlier run left it, when finished and intact (for resume)."""
-        return finished_shard(self.shard_dir(name))
+        return self.finished_shards([name])[0]
+
+    def finished_shards(self, names: Sequence[str]) -> list[ShardResult | None]:
+        """``finished`` of each of ``names`` (at a URL: one listing, concurrent reads)."""
+        if isinstance(self.path, RemotePath):
+            return [None if pair is None else _result_of_bytes(name, *pair)
+                    for name, pair in zip(names, remote.finished_shards(self.path, names))]
+        return [finished_shard(self.path / SHARDS_DIR / name) for name in names]
+
+    def read_plan(self) -> dict | None:
+        """``build.json`` as an earlier run wrote it, or None when missing or unreadable."""
+        if isinstance(self.path, RemotePath):
+            return remote.get_json(self.path / PLAN_FILE)
+        try:
+            return json.loads((self.path / PLAN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_plan(self, plan: Mapping[str, Any]) -> None:
+        """Write ``build.json`` (the build's plan, for ``--resume``)."""
+        if isinstance(self.path, RemotePath):
+            remote.put_json(self.path / PLAN_FILE, plan, "build plan")
+        else:
+            write_json_atomic(self.path / PLAN_FILE, plan)
 
     def commit(
         self,
@@ -356,10 +430,10 @@ class BankWriter:
         options: dict[str, Any] = {}
         for shard in shards:
             if shard_hash(shard.digests) != shard.info["hash"] or len(shard.digests) != shard.num_crops:
-                raise BankError(f"{self.shard_dir(shard.dir)}: digests do not match the shard's hash")
+                raise BankError(f"{self.path / SHARDS_DIR / shard.dir}: digests do not match the shard's hash")
             for cid, n in shard.info["class_ids"]:
                 if not 0 <= cid < len(classes):
-                    raise BankError(f"{self.shard_dir(shard.dir)}: class id {cid} outside the class table ({len(classes)} classes)")
+                    raise BankError(f"{self.path / SHARDS_DIR / shard.dir}: class id {cid} outside the class table ({len(classes)} classes)")
                 freqs[cid] += n
             options = shard.info.get("backend_options", options)
         chash = content_hash(self.crop_size, classes, [shard.digests for shard in shards])
@@ -383,7 +457,10 @@ class BankWriter:
             "instbank_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_json_atomic(self.path / MANIFEST, manifest, durable=True)
+        if isinstance(self.path, RemotePath):
+            remote.commit(self.path, manifest, self._lock)
+        else:
+            write_json_atomic(self.path / MANIFEST, manifest, durable=True)
         return manifest
 
 
