@@ -85,7 +85,8 @@ def _dataset_fingerprint(dataset: Dataset) -> dict[str, Any]:
     # The format version too: shards of an older format (another digest) must not be resumed into
     # a bank of this one.
     return {"source": dataset.source, "kind": dataset.kind, "num_images": len(dataset.images),
-            "num_instances": dataset.num_instances, "num_classes": len(dataset.classes), "format_version": FORMAT_VERSION}
+            "num_instances": dataset.num_instances, "num_classes": len(dataset.classes), "format_version": FORMAT_VERSION,
+            **({"keypoints": dataset.keypoint_spec.to_json()} if dataset.keypoint_spec is not None else {})}
 
 
 def _differences(old: dict, new: dict, prefix: str) -> list[str]:
@@ -262,7 +263,7 @@ def _finish(dataset: Dataset, bank: BankWriter, config: BuildConfig, results: li
                   "skip_examples": log.examples,
                   "skipped_images": dict(sorted(skipped_images.items())), "lost_instances": dict(sorted(lost.items())),
                   "notes": dataset.notes + notes}
-    manifest = bank.commit(dataset.classes, results, build_info, log.counts)
+    manifest = bank.commit(dataset.classes, results, build_info, log.counts, dataset.keypoint_spec)
     num_images = len(dataset.images) + sum(dataset.skipped[k] for k in dataset.lost_instances)  # as read
     return BuildReport(bank.path, manifest["version"], num_images, manifest["num_crops"], len(results), reused,
                        log.counts, log.examples, time.perf_counter() - t0, notes, skipped_images, lost)

@@ -75,6 +75,7 @@ _BUILD_DEFAULTS: dict[str, Any] = {
     "min_stability_score": 0.0,
     "max_missing_images": 0.5,
     "max_image_pixels": 1 << 29,
+    "keypoints": True,
     "allow_outside_root": False,
 }
 
@@ -111,7 +112,7 @@ def _load_config(path: Optional[Path]) -> dict[str, Any]:
 @_interruptible
 def build(
     coco: Optional[Path] = typer.Option(None, "--coco", help="COCO instances json (polygons and RLE)."),
-    yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO-seg data.yaml or a dir with images/ and labels/."),
+    yolo: Optional[Path] = typer.Option(None, "--yolo", help="YOLO-seg (or YOLO-pose, with --box-masks) data.yaml or a dir with images/ and labels/."),
     sa1b: Optional[Path] = typer.Option(None, "--sa1b", help="SA-1B directory: sa_*.json beside sa_*.jpg (subdirectories too)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --coco or --sa1b (default: guessed / beside each json)."),
     out: str = typer.Option(..., "--out", metavar="<path>", help="Bank directory or URL (s3://bucket/bank, any fsspec URL) to write."),
@@ -136,6 +137,8 @@ def build(
     min_stability_score: Optional[float] = typer.Option(None, "--min-stability-score", help="--sa1b: keep masks with stability_score >= this (SAM used 0.95)."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", "-O",
                                                        help="Backend writer option KEY=VALUE, e.g. level=9, filter=none, maxcount=10000."),
+    keypoints: Optional[bool] = typer.Option(None, "--keypoints/--no-keypoints",
+                                             help="Store COCO / YOLO-pose keypoints with the crops when the data has them (default: yes)."),
     max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", min=0,
                                                    help="Skip images with more pixels, read from the header before decoding (default: 2**29; 0: no limit)."),
     max_missing_images: Optional[float] = typer.Option(None, "--max-missing-images", min=0.0, max=1.0,
@@ -195,12 +198,12 @@ def build(
     if coco is not None:
         from instbank.formats.coco import read_coco
 
-        dataset = read_coco(coco, images, crowd=opts["crowd"], box_masks=bool(opts["box_masks"]))
+        dataset = read_coco(coco, images, crowd=opts["crowd"], box_masks=bool(opts["box_masks"]), keypoints=bool(opts["keypoints"]))
     elif yolo is not None:
         from instbank.formats.yolo import read_yolo
 
         split_list = opts["splits"].split(",") if isinstance(opts["splits"], str) else opts["splits"]
-        dataset = read_yolo(yolo, box_masks=bool(opts["box_masks"]), splits=split_list)
+        dataset = read_yolo(yolo, box_masks=bool(opts["box_masks"]), splits=split_list, keypoints=bool(opts["keypoints"]))
     else:
         from instbank.formats.sa1b import read_sa1b
 
@@ -300,6 +303,10 @@ def paste_demo(
     k: int = typer.Option(6, "--k", min=0, help="Crops pasted into each image."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the crop draw and the placement."),
     size: int = typer.Option(512, "--size", min=32, help="Side of the square batch the images are letterboxed into."),
+    keypoints: bool = typer.Option(False, "--keypoints", help="Draw keypoints (synthetic on persons when the bank has none)."),
+    panoptic: bool = typer.Option(False, "--panoptic", help="Add a third panel: the painted panoptic map."),
+    in_batch: float = typer.Option(0.0, "--in-batch", min=0.0, max=1.0,
+                                   help="Share of pastes cut from the other images of the batch (0: bank only)."),
 ) -> None:
     """Paste bank crops into real images with BankCopyPaste and draw before | after."""
     from instbank.errors import InputError
@@ -307,7 +314,8 @@ def paste_demo(
 
     if coco is None and images is None:
         raise InputError("paste-demo: give --coco ANN.json or --images DIR")
-    result = render_paste_demo(bank, out, coco=coco, images=images, n=n, k=k, seed=seed, canvas=size)
+    result = render_paste_demo(bank, out, coco=coco, images=images, n=n, k=k, seed=seed, canvas=size,
+                               keypoints=keypoints, panoptic=panoptic, in_batch=in_batch)
     _err(f"wrote {result.summary()}")
 
 

@@ -20,6 +20,10 @@ One decode per image serves all its instances: ``read_image_file`` reads the hea
 EXIF), ``plan_crops`` finds the masks from the size alone, and the JPEG is then decoded by
 libjpeg-turbo, at 1/2, 1/4 or 1/8 in the DCT domain when every kept crop shrinks that much, with its
 warnings about damaged data as errors (``cut_file``; ``decode_image`` + ``cut_image`` for arrays).
+
+Keypoints (``InstanceRecord.keypoints``) go with their crop by the crop's own geometry
+(``CropPlan.keypoints``, ``FileCut.keypoints``); an instance with a labeled keypoint outside the
+image is skipped (``keypoint_outside_image``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ UNREADABLE_IMAGE = "unreadable_image"
 TRUNCATED_IMAGE = "truncated_image"
 CORRUPT_IMAGE = "corrupt_image"
 TOO_LARGE = "too_large"
+#: A labeled keypoint (``v > 0``) outside ``[0, W] x [0, H]``: the annotation is wrong somewhere,
+#: and a keypoint cannot be moved into the image without inventing its position.
+KEYPOINT_OUTSIDE_IMAGE = "keypoint_outside_image"
 
 
 @dataclass(frozen=True)
@@ -687,11 +694,27 @@ class CropPlan:
     kept: list  # (instance, alpha uint8 [h, w] 0/255, x0, y0, area, box, truncated)
     skips: list[tuple[str, int]]  # (reason, ann_id) of each instance not kept, in order
     reduction: int
+    image_size: tuple[int, int] = (0, 0)  # (height, width) the instances were placed on
 
     @property
     def skipped(self) -> Counter:
         """Instance skips by reason."""
         return Counter(reason for reason, _ in self.skips)
+
+    def keypoints(self, meta: np.ndarray) -> np.ndarray | None:
+        """float32 ``[n, J, 3]``: the kept instances' keypoints in crop pixels, by the geometry of
+        their META_DTYPE rows ``meta`` (``CropMeta``'s ``crop_xy = (src_xy - src_box[:2]) * scale +
+        offset``, in float64, then rounded once to float32); ``x = y = 0`` where ``v = 0``. ``None``
+        when the instances carry no keypoints (or none is kept)."""
+        records = [kept[0] for kept in self.kept]
+        if not records or records[0].keypoints is None:
+            return None
+        height, width = self.image_size
+        src = np.stack([_source_keypoints(r, height, width) for r in records])  # float64 [n, J, 3]
+        xy = (src[..., :2] - meta["src_box"][:, None, :2]) * meta["scale"][:, None, None] + meta["offset"][:, None, :]
+        out = np.concatenate([xy, src[..., 2:]], axis=-1)
+        out[src[..., 2] == 0] = 0
+        return out.astype(np.float32)
 
     def cut(self, pyramid: Pyramid) -> tuple[np.ndarray, np.ndarray]:
         """``(rgba uint8 [n, 4, S, S], META_DTYPE [n])`` of the kept instances, cut from ``pyramid``."""
@@ -715,13 +738,27 @@ def plan_crops(record: ImageRecord, height: int, width: int, size: int, filters:
         alpha, x0, y0, area = found
         box = (x0, y0, x0 + alpha.shape[1], y0 + alpha.shape[0])
         truncated = box[0] == 0 or box[1] == 0 or box[2] == width or box[3] == height
-        reason = _filter_reason(area, box, truncated, filters)
+        reason = _filter_reason(area, box, truncated, filters) or _keypoint_reason(inst, height, width)
         if reason:
             skips.append((reason, inst.ann_id))
             continue
         kept.append((inst, alpha, x0, y0, area, box, truncated))
         level = min(level, _level_of(max(alpha.shape), size))
-    return CropPlan(record, size, kept, skips, 1 << level)
+    return CropPlan(record, size, kept, skips, 1 << level, (height, width))
+
+
+def _source_keypoints(inst: InstanceRecord, height: int, width: int) -> np.ndarray:
+    """float64 ``[J, 3]`` keypoints of ``inst`` in source pixels (normalised ones scaled as polygons)."""
+    return inst.keypoints * (width, height, 1) if inst.normalized else inst.keypoints
+
+
+def _keypoint_reason(inst: InstanceRecord, height: int, width: int) -> str | None:
+    """``KEYPOINT_OUTSIDE_IMAGE`` when a labeled keypoint of ``inst`` lies outside the image."""
+    if inst.keypoints is None:
+        return None
+    x, y, v = _source_keypoints(inst, height, width).T
+    outside = (v > 0) & ((x < 0) | (x > width) | (y < 0) | (y > height))
+    return KEYPOINT_OUTSIDE_IMAGE if outside.any() else None
 
 
 def cut_image(
@@ -743,6 +780,7 @@ class FileCut(NamedTuple):
     height: int
     orientation: int  # EXIF tag, 1 = upright
     reduction: int  # 1, or 2/4/8: decoded at that scale in the DCT domain
+    keypoints: np.ndarray | None = None  # float32 [n, J, 3] in crop pixels (CropPlan.keypoints), or None
 
 
 def cut_file(
@@ -762,9 +800,9 @@ def cut_file(
         image = file.decode()
         plan = plan_crops(record, image.shape[0], image.shape[1], size, filters)
         rgba, meta = plan.cut(Pyramid(image))
-        return FileCut(rgba, meta, plan.skips, image.shape[1], image.shape[0], file.orientation, 1)
+        return FileCut(rgba, meta, plan.skips, image.shape[1], image.shape[0], file.orientation, 1, plan.keypoints(meta))
     plan = plan_crops(record, file.height, file.width, size, filters)
     reduction = plan.reduction if file.can_reduce() else 1
     image = file.decode(reduction)
     rgba, meta = plan.cut(Pyramid(image, reduction.bit_length() - 1))
-    return FileCut(rgba, meta, plan.skips, file.width, file.height, file.orientation, reduction)
+    return FileCut(rgba, meta, plan.skips, file.width, file.height, file.orientation, reduction, plan.keypoints(meta))

@@ -387,7 +387,8 @@ def _targets(bank, batch: Batch, k: int, seed: int, keypoints: bool, panoptic: b
     schema."""
     import torch
 
-    from instbank.paste.keypoints import COCO_PERSON_KEYPOINTS, flip_permutation
+    from instbank.paste.keypoints import COCO_PERSON_KEYPOINTS
+    from instbank.types import flip_from_names
     from instbank.paste.panoptic import PanopticSchema
     from instbank.sampling import BankSampler, BankStaging
     from instbank.types import BankBatch
@@ -407,7 +408,7 @@ def _targets(bank, batch: Batch, k: int, seed: int, keypoints: bool, panoptic: b
             crop_kp = synthetic_keypoints(alpha.reshape(-1, s, s), box.reshape(-1, 4)).reshape(*alpha.shape[:2], 17, 3)
             fields = {name: getattr(staged, name) for name in BankBatch._TENSORS[:6]}
             staged = BankBatch(**fields, num_classes=staged.num_classes, keypoints=torch.from_numpy(crop_kp),
-                               keypoint_flip=torch.tensor(flip_permutation(COCO_PERSON_KEYPOINTS)))
+                               keypoint_flip=torch.tensor(flip_from_names(COCO_PERSON_KEYPOINTS)))
         from instbank.paste.annotations import boxes_from_masks
 
         boxes = boxes_from_masks(batch.masks)[0].numpy()

@@ -5,7 +5,9 @@ up to ``per_class`` crops per row, each shown with its alpha over a checkerboard
 calls "object" is what is not checkered) and labelled under it with its source image id and
 annotation id; a red corner marks a truncated crop (its mask touches the source image border).
 The row label gives the class name, id and crop count. ``--html`` adds a static page beside the PNG:
-the sheet and a table of every class's crop count.
+the sheet and a table of every class's crop count. On a bank with keypoints each crop shows its
+labeled keypoints (filled dot: visible, hollow: labeled but not visible; the object's left side
+orange, right side blue, others green) and the skeleton's lines between labeled ones.
 
 Drawn with Pillow (``ImageDraw`` and its default font); no torch.
 """
@@ -40,6 +42,8 @@ SHEET_ASPECT = 4 / 3
 #: full sheet would be ~150 megapixels: ask for the classes wanted with ``classes=``.
 MAX_CLASSES = 100
 BACKGROUND, INK, MUTED, RULE, TRUNCATED_MARK = (255, 255, 255), (20, 20, 20), (110, 110, 110), (225, 225, 225), (220, 40, 40)
+#: Keypoint colours by side (``left_*`` / ``right_*`` names, as COCO's), and the dot radius in pixels.
+LEFT, RIGHT, MIDDLE, DOT = (255, 140, 0), (30, 120, 255), (40, 200, 60), 2.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ def contact_sheet(bank, rows: list[SheetRow], thumb: int | None = None, title: s
     small, big = default_font(CAPTION_FONT), default_font(LABEL_FONT)
     draw.text((PAD, PAD), _fit(draw, title, big, sheet.width - 2 * PAD), fill=INK, font=big)
     legend = "alpha over a checkerboard; under each crop: source image id / annotation id; red corner: truncated"
+    if getattr(bank, "keypoint_spec", None) is not None:
+        legend += "; keypoints: filled visible, hollow occluded (left orange, right blue)"
     draw.text((PAD, PAD + LABEL_FONT + PAD), _fit(draw, legend, small, sheet.width - 2 * PAD), fill=MUTED, font=small)
     board = checkerboard(size)
     for c in range(1, columns):
@@ -194,13 +200,33 @@ def _draw_row(sheet, draw, bank, row: SheetRow, left: int, top: int, size: int, 
         draw.text((left + LABEL_WIDTH, top + PAD + size // 2), "no crops in this bank", fill=MUTED, font=small)
         return
     meta = bank.meta_table[row.indices]
+    spec = getattr(bank, "keypoint_spec", None)
+    points = None if spec is None else bank.get_keypoints(row.indices)
     for j, rgba in enumerate(bank.get_many(row.indices)):
         x, y = left + LABEL_WIDTH + j * (size + PAD), top + PAD
         sheet.paste(thumbnail(rgba, size, board), (x, y))
+        if points is not None:
+            draw_keypoints(draw, points[j], spec, size / rgba.shape[-1], (x, y), size)
         if meta["truncated"][j]:
             draw.polygon([(x + size - 12, y), (x + size, y), (x + size, y + 12)], fill=TRUNCATED_MARK)
         for line, text in enumerate((f"img {meta['image_id'][j]}", f"ann {meta['ann_id'][j]}")):
             draw.text((x, y + size + 2 + line * (CAPTION_FONT + 2)), _fit(draw, text, small, size), fill=MUTED, font=small)
+
+
+def draw_keypoints(draw, points: np.ndarray, spec, scale: float, origin: tuple[int, int], size: int) -> None:
+    """One crop's keypoints float32 ``[J, 3]`` (crop pixels) on its ``size`` px thumbnail at
+    ``origin`` (``scale`` thumbnail pixels per crop pixel): skeleton lines between labeled points,
+    then a dot per labeled point; points outside the thumbnail are left out (they would land on
+    the next crop)."""
+    side = [LEFT if n.startswith("left_") else RIGHT if n.startswith("right_") else MIDDLE for n in spec.names]
+    xy = points[:, :2] * scale + np.asarray(origin, np.float32)
+    shown = (points[:, 2] > 0) & (xy >= origin).all(axis=1) & (xy <= np.asarray(origin) + size).all(axis=1)
+    for a, b in spec.skeleton:
+        if shown[a] and shown[b]:
+            draw.line([tuple(xy[a]), tuple(xy[b])], fill=side[b] if side[a] == side[b] else MIDDLE, width=1)
+    for (px, py), v, colour, on in zip(xy.tolist(), points[:, 2], side, shown):
+        if on:
+            draw.ellipse([px - DOT, py - DOT, px + DOT, py + DOT], fill=colour if v >= 2 else None, outline=colour)
 
 
 def sheet_title(bank, rows: list[SheetRow], sort: str) -> str:

@@ -281,10 +281,11 @@ class BankSampler:
         """The crops at int64 ``[B, K]`` ``indices`` as new arrays: ``pixels`` uint8
         ``[B, K, 4, S, S]``, ``class_ids`` int64 ``[B, K]``, ``indices`` int64 ``[B, K]``,
         ``src_box`` float32 ``[B, K, 4]``, ``scale`` float32 ``[B, K]``, ``offset`` float32
-        ``[B, K, 2]``."""
+        ``[B, K, 2]`` and, for a bank with keypoints, ``keypoints`` float32 ``[B, K, J, 3]`` and
+        ``keypoint_flip`` int64 ``[J]`` (``gather_keypoints``)."""
         pixels = np.empty(_pixel_shape(self.bank, indices), np.uint8)
         gather_pixels(self.bank, indices, pixels)
-        return {"pixels": pixels, **gather_geometry(self.bank, indices)}
+        return {"pixels": pixels, **gather_geometry(self.bank, indices), **gather_keypoints(self.bank, indices)}
 
     def __repr__(self) -> str:
         steps = "inf" if self.steps_per_epoch is None else self.steps_per_epoch
@@ -363,6 +364,18 @@ def gather_geometry(bank, indices: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def gather_keypoints(bank, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """``keypoints`` float32 ``[B, K, J, 3]`` (crop pixels, ``BankBatch.keypoints``) of crops
+    ``indices`` int64 ``[B, K]`` and the layout's ``keypoint_flip`` int64 ``[J]``; ``{}`` for a
+    bank without keypoints (``bank.keypoint_spec`` is None or absent)."""
+    spec = getattr(bank, "keypoint_spec", None)
+    if spec is None:
+        return {}
+    points = bank.get_keypoints(indices.reshape(-1))
+    return {"keypoints": points.reshape(*indices.shape, spec.num_keypoints, 3),
+            "keypoint_flip": np.asarray(spec.flip, np.int64)}
+
+
 # --------------------------------------------------------------------------------------------
 # staging (torch part)
 
@@ -401,14 +414,15 @@ class _BankStagingImpl:
 
     def stage(self, indices: np.ndarray, alloc: Callable, pin: bool = False):
         """``BankBatch`` for int64 ``[B, K]`` ``indices``: pixels gathered straight into the tensor
-        ``alloc(shape)`` returns; geometry tensors pinned when ``pin``."""
+        ``alloc(shape)`` returns; geometry (and keypoint) tensors pinned when ``pin``."""
         import torch
 
         from instbank.types import BankBatch
 
         pixels = alloc(_pixel_shape(self.bank, indices))
         gather_pixels(self.bank, indices, pixels.numpy())
-        geometry = {name: torch.from_numpy(a) for name, a in gather_geometry(self.bank, indices).items()}
+        arrays = {**gather_geometry(self.bank, indices), **gather_keypoints(self.bank, indices)}
+        geometry = {name: torch.from_numpy(a) for name, a in arrays.items()}
         if pin:
             geometry = {name: t.pin_memory() for name, t in geometry.items()}
         return BankBatch(pixels=pixels, num_classes=len(self.bank.class_names), **geometry)
@@ -531,6 +545,7 @@ __all__ = [
     "bank_loader",
     "class_crop_weights",
     "gather_geometry",
+    "gather_keypoints",
     "gather_pixels",
     "resolve_class_ids",
 ]

@@ -60,6 +60,7 @@ def bank_stats(path: str | os.PathLike) -> dict[str, Any]:
         "num_shards": len(m["shards"]),
         "backend_options": m.get("backend_options", {}),
         "skipped": m.get("skipped", {}),
+        "keypoints": m.get("keypoints"),
         "skipped_images": m.get("build", {}).get("skipped_images", {}),
         "lost_instances": m.get("build", {}).get("lost_instances", {}),
         "skip_examples": m.get("build", {}).get("skip_examples", {}),
@@ -122,6 +123,10 @@ def print_stats(s: dict[str, Any], top: int = 10) -> None:
     head.append(("classes", f"{s['num_classes']} ({s['classes_without_crops']} without crops)"))
     head.append(("on disk", f"{_human_bytes(s['bytes_on_disk'])} (raw {_human_bytes(s['bytes_raw'])}"
                  + (f", compressed {s['compression']:.2f}x" if s["compression"] else "") + f"; {_codec_words(s['backend_options'])})"))
+    if s.get("keypoints"):
+        names = s["keypoints"].get("names", [])
+        head.append(("keypoints", f"{len(names)} per crop ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}), "
+                                  f"{len(s['keypoints'].get('skeleton', []))} skeleton lines"))
     b = s["area_buckets"]
     head.append(("object sizes", f"small {b['small']}, medium {b['medium']}, large {b['large']} (COCO area buckets); "
                  f"truncated {100 * s['truncated_fraction']:.1f}%, upscaled {100 * s['upscaled_fraction']:.1f}%"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -63,6 +63,11 @@ class InstanceRecord:
       parts make one instance. In source pixels, or in ``[0, 1]`` when ``normalized`` (YOLO-seg),
       in which case the crop stage multiplies by the decoded image's ``(width, height)``.
     - ``rle``: COCO RLE ``{"size": [h, w], "counts": list[int] | str}`` (column-major runs).
+    - ``keypoints``: float64 ``[J, 3]`` rows ``x, y, v`` (COCO's visibility: 0 not labeled, then
+      ``x = y = 0``; 1 labeled, not visible; 2 visible), in source pixels or, when ``normalized``,
+      in ``[0, 1]`` like the polygons; ``None`` when the data set has no keypoints
+      (``Dataset.keypoint_spec`` is then ``None`` too). In a data set with keypoints every
+      instance has them (all ``v = 0`` for instances of a category without keypoints).
     """
 
     ann_id: int
@@ -71,6 +76,77 @@ class InstanceRecord:
     rle: dict[str, Any] | None = None
     normalized: bool = False
     is_crowd: bool = False
+    keypoints: np.ndarray | None = None
+
+
+#: Keypoints per instance at most: far above real layouts (COCO-WholeBody 133, Halpe 136), low
+#: enough that a crafted ``kpt_shape`` or manifest cannot ask for absurd arrays.
+MAX_KEYPOINTS = 1024
+
+
+def flip_from_names(names: Sequence[str]) -> tuple[int, ...]:
+    """The flip permutation of a keypoint layout from its names: ``left_X`` and ``right_X`` swap
+    (COCO's and Ultralytics' naming); every other keypoint, and a ``left_``/``right_`` name whose
+    twin is not in the layout, keeps its slot."""
+    index = {name: i for i, name in enumerate(names)}
+    flip = []
+    for name in names:
+        twin = None
+        for side, other in (("left_", "right_"), ("right_", "left_")):
+            if name.startswith(side):
+                twin = index.get(other + name[len(side):])
+        flip.append(index[name] if twin is None else twin)
+    return tuple(flip)
+
+
+@dataclass(frozen=True)
+class KeypointSpec:
+    """A bank's keypoint layout (one per bank, docs/formats.md "Keypoints"): ``J`` distinct
+    ``names``; ``skeleton``: pairs ``(a, b)`` of 0-based slots to draw as lines (COCO's json
+    numbers them from 1); ``flip``: the slot each keypoint takes under a horizontal flip, a
+    permutation of ``0..J-1`` (``BankBatch.keypoint_flip``; default ``flip_from_names(names)``).
+    ``ValueError`` saying what is wrong when it is not a layout."""
+
+    names: tuple[str, ...]
+    skeleton: tuple[tuple[int, int], ...] = ()
+    flip: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        names = tuple(self.names)
+        if not names or len(names) > MAX_KEYPOINTS or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"keypoint names must be 1..{MAX_KEYPOINTS} non-empty strings, got {list(names)!r:.80}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"keypoint names must be distinct, got {list(names)!r:.80}")
+        j = len(names)
+        pairs = tuple(tuple(p) for p in self.skeleton)
+        if not all(len(p) == 2 and all(_is_index(v, j) for v in p) for p in pairs):
+            raise ValueError(f"skeleton must be pairs of keypoint slots 0..{j - 1}, got {[list(p) for p in pairs]!r:.80}")
+        flip = flip_from_names(names) if self.flip is None else tuple(self.flip)
+        if not all(_is_index(v, j) for v in flip) or sorted(flip) != list(range(j)):
+            raise ValueError(f"flip must be a permutation of 0..{j - 1}, got {list(flip)!r:.80}")
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "skeleton", tuple((int(a), int(b)) for a, b in pairs))
+        object.__setattr__(self, "flip", tuple(int(v) for v in flip))
+
+    @property
+    def num_keypoints(self) -> int:
+        return len(self.names)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"names": list(self.names), "skeleton": [list(p) for p in self.skeleton], "flip": list(self.flip)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> KeypointSpec:
+        """The spec of ``to_json``'s object; ``ValueError`` for anything else."""
+        if not isinstance(obj, dict) or set(obj) != {"names", "skeleton", "flip"}:
+            raise ValueError("keypoints must be an object with exactly names, skeleton and flip")
+        if not all(isinstance(obj[k], list) for k in obj) or not all(isinstance(p, list) for p in obj["skeleton"]):
+            raise ValueError("keypoints names, skeleton and flip must be lists (skeleton: of pairs)")
+        return cls(tuple(obj["names"]), tuple(tuple(p) for p in obj["skeleton"]), tuple(obj["flip"]))
+
+
+def _is_index(value: Any, n: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < n
 
 
 @dataclass(frozen=True)
@@ -95,7 +171,8 @@ class Dataset:
     per reason in ``skip_examples`` (``SkipLog.example``); ``notes`` are lines for the user (e.g.
     which images directory was guessed). ``images_root``: the folder image paths must resolve
     inside (``None``: no such folder, e.g. image lists with absolute paths). ``lost_instances``:
-    instances dropped with their image, by the image's skip reason.
+    instances dropped with their image, by the image's skip reason. ``keypoint_spec``: the data
+    set's one keypoint layout (``None``: no keypoints are read; see ``KeypointSpec``).
     """
 
     source: str
@@ -107,6 +184,7 @@ class Dataset:
     skip_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     images_root: str | None = None
     lost_instances: Counter = field(default_factory=Counter)
+    keypoint_spec: KeypointSpec | None = None
 
     @property
     def num_instances(self) -> int:
@@ -192,12 +270,14 @@ class CropMeta:
 @dataclass(frozen=True)
 class BankCrop:
     """``bank[i]``: ``rgba`` uint8 ``[4, S, S]`` (RGB then alpha), contiguous ``class_id``, geometry,
-    and an optional float32 embedding (``None`` when the bank has none)."""
+    an optional float32 embedding (``None`` when the bank has none) and, for banks with keypoints,
+    ``keypoints`` float32 ``[J, 3]`` in crop pixels (as ``BankBatch.keypoints``; else ``None``)."""
 
     rgba: np.ndarray
     class_id: int
     meta: CropMeta
     embedding: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
 
 
 def packed_dtype_for(num_classes: int) -> "torch.dtype":

@@ -117,7 +117,7 @@ def build_shard(
                     if strict and reason not in POLICY_REASONS:
                         raise strict_fault(reason, f"{record.path} (image id {record.image_id}, annotation {ann_id})")
                     log.add(reason, record.path, record.image_id, ann_id)
-                writer.append(cut.rgba, cut.meta)
+                writer.append(cut.rgba, cut.meta, keypoints=cut.keypoints)
                 if progress:
                     progress(1, len(cut.rgba))
             writer.skipped.update(log.counts)

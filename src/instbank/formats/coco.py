@@ -1,14 +1,21 @@
 """COCO instances json -> ``Dataset``, with plain ``json`` and Python (no pycocotools index).
 
 What is read: ``images`` (``id``, ``file_name``, optional ``width``/``height``), ``categories``
-(``id``, ``name``) and ``annotations`` (``id``, ``image_id``, ``category_id``, ``iscrowd``,
-``segmentation``, and ``bbox`` only for ``box_masks``). Everything else is ignored.
+(``id``, ``name``, and ``keypoints``/``skeleton`` where given) and ``annotations`` (``id``,
+``image_id``, ``category_id``, ``iscrowd``, ``segmentation``, ``keypoints``, and ``bbox`` only for
+``box_masks``). Everything else is ignored, ``num_keypoints`` too (it is the count of ``v > 0``).
+
+Keypoints (COCO person keypoints and any json in that layout): the categories that name keypoints
+must all name the same ones with the same skeleton (a bank has one layout, ``KeypointSpec``; an
+``InputError`` otherwise); flip pairs come from the names (``left_X`` <-> ``right_X``). Every
+annotation then carries ``J`` keypoints: its own ``keypoints`` (``3 * J`` numbers ``x, y, v``) when
+its category names keypoints, else all ``v = 0``.
 
 Problems in the file itself or in its ``images``/``categories`` tables raise ``InputError``
 (one line, naming the json); a bad annotation is dropped and counted in ``Dataset.skipped``
 under a reason key of ``instbank.formats.REASONS`` (checked in this order: ``malformed_annotation``,
 ``unknown_image``, ``unknown_category``, ``crowd``, then the shape: ``no_segmentation``/``bad_bbox``,
-``bad_polygon``, ``rle_size_mismatch``, ``bad_rle``).
+``bad_polygon``, ``rle_size_mismatch``, ``bad_rle``, then ``bad_keypoints``).
 """
 
 from __future__ import annotations
@@ -17,12 +24,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from instbank.formats.common import gc_paused, input_error, is_int64, rectangle, valid_box
-from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord, SkipLog
+from instbank.formats.common import gc_paused, input_error, is_int64, keypoint_rows, rectangle, valid_box
+from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord, KeypointSpec, SkipLog
 
 CROWD_MODES = ("skip", "include")
 SECTIONS = ("images", "annotations", "categories")
@@ -39,6 +46,7 @@ def read_coco(
     *,
     crowd: str = "skip",
     box_masks: bool = False,
+    keypoints: bool = True,
 ) -> Dataset:
     """Read a COCO instances json.
 
@@ -46,6 +54,7 @@ def read_coco(
     and says which in ``Dataset.notes``. ``crowd``: ``"skip"`` drops ``iscrowd=1`` (counted as
     ``crowd``), ``"include"`` keeps them with ``is_crowd=True``. ``box_masks``: an annotation with
     an empty segmentation gets its ``bbox`` rectangle as polygon instead of being skipped.
+    ``keypoints``: read the keypoints when categories name them (``False``: a bank without them).
 
     Returns images in ascending image id, instances in ascending annotation id, classes with
     contiguous ids in ascending category id. Polygons are float64 ``[n, 2]`` source pixels; RLE is
@@ -55,16 +64,19 @@ def read_coco(
         raise ValueError(f"crowd must be one of {CROWD_MODES}, not {crowd!r}")
     path = Path(ann_path)
     with gc_paused():
-        return build_dataset(path, load_json(path), images_dir, crowd == "include", box_masks)
+        return build_dataset(path, load_json(path), images_dir, crowd == "include", box_masks, keypoints)
 
 
 def build_dataset(
-    path: Path, doc: Any, images_dir: str | os.PathLike | None, keep_crowd: bool, box_masks: bool
+    path: Path, doc: Any, images_dir: str | os.PathLike | None, keep_crowd: bool, box_masks: bool,
+    keypoints: bool = True,
 ) -> Dataset:
     """The ``Dataset`` of a parsed COCO json (see ``read_coco``)."""
     sections = {name: require_list(path, doc, name) for name in SECTIONS}
     images = image_table(path, sections["images"])
     classes = class_table(path, sections["categories"])
+    spec, with_keypoints = keypoint_layout(path, sections["categories"]) if keypoints else (None, frozenset())
+    layout = None if spec is None else KeypointLayout(spec.num_keypoints, with_keypoints)
     notes: list[str] = []
     root = resolve_images_dir(path, images_dir, images, notes)
     class_of = {c.source_id: c.id for c in classes}
@@ -73,7 +85,7 @@ def build_dataset(
     seen_ids: set[int] = set()
     for index, ann in enumerate(sections["annotations"]):
         check_unique_id(path, ann, index, seen_ids)
-        result = read_annotation(ann, images, class_of, keep_crowd, box_masks)
+        result = read_annotation(ann, images, class_of, keep_crowd, box_masks, layout)
         if isinstance(result, str):
             ids = (ann.get("image_id"), ann.get("id")) if isinstance(ann, dict) else (None, None)
             skips.add(result, str(path), *ids, detail=f"annotations[{index}]")
@@ -90,7 +102,7 @@ def build_dataset(
         for image_id, (file_name, width, height) in sorted(images.items())
     ]
     return Dataset(source=str(path), kind="coco", images=records, classes=classes, skipped=skips.counts, notes=notes,
-                   skip_examples=skips.examples, images_root=str(root))
+                   skip_examples=skips.examples, images_root=str(root), keypoint_spec=spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +177,39 @@ def class_table(path: Path, entries: list) -> list[ClassInfo]:
     return [ClassInfo(id=i, source_id=cat_id, name=names[cat_id]) for i, cat_id in enumerate(sorted(names))]
 
 
+class KeypointLayout(NamedTuple):
+    """What an annotation needs of the keypoint layout: ``J`` and the categories that have keypoints."""
+
+    num_keypoints: int
+    categories: frozenset
+
+
+def keypoint_layout(path: Path, entries: list) -> tuple[KeypointSpec | None, frozenset]:
+    """The one ``KeypointSpec`` of the categories that name keypoints (``None`` when none does) and
+    their ids; ``InputError`` naming the category for a malformed list or two different layouts."""
+    spec, first, ids = None, None, set()
+    for k, entry in enumerate(entries):
+        names, skeleton = entry.get("keypoints"), entry.get("skeleton", [])
+        if names is None or names == []:
+            continue
+        where = f"categories[{k}] (id {entry['id']})"
+        if not (isinstance(names, list) and isinstance(skeleton, list)):
+            raise input_error(path, f"{where}: 'keypoints' and 'skeleton' must be lists")
+        if not all(isinstance(p, list) and len(p) == 2 and all(type(v) is int and 1 <= v <= len(names) for v in p)
+                   for p in skeleton):
+            raise input_error(path, f"{where}: 'skeleton' must be pairs of keypoint numbers 1..{len(names)} (1-based)")
+        try:
+            this = KeypointSpec(tuple(names), tuple((a - 1, b - 1) for a, b in skeleton))
+        except ValueError as e:
+            raise input_error(path, f"{where}: {e}") from None
+        if spec is not None and (this.names, this.skeleton) != (spec.names, spec.skeleton):
+            raise input_error(path, f"{where} and {first} name different keypoints or skeletons; a bank holds one "
+                              "keypoint layout (build the categories apart, or pass keypoints=False)")
+        spec, first = spec or this, first or where
+        ids.add(entry["id"])
+    return spec, frozenset(ids)
+
+
 def check_unique_id(path: Path, ann: Any, index: int, seen: set[int]) -> None:
     """A duplicate annotation id is an error, whether or not either copy is later skipped."""
     ann_id = ann.get("id") if isinstance(ann, dict) else None
@@ -220,7 +265,8 @@ def resolve_images_dir(
 
 
 def read_annotation(
-    ann: Any, images: dict[int, tuple[str, int, int]], class_of: dict[int, int], keep_crowd: bool, box_masks: bool
+    ann: Any, images: dict[int, tuple[str, int, int]], class_of: dict[int, int], keep_crowd: bool, box_masks: bool,
+    layout: KeypointLayout | None = None,
 ) -> tuple[int, InstanceRecord] | str:
     """``(image_id, record)`` for a usable annotation, else the reason key it is skipped for."""
     if not isinstance(ann, dict):
@@ -243,7 +289,26 @@ def read_annotation(
     if isinstance(shape, str):
         return shape
     polygons, rle = shape
-    return image_id, InstanceRecord(ann_id, class_of[cat_id], polygons=polygons, rle=rle, is_crowd=is_crowd)
+    points = None
+    if layout is not None:
+        points = read_keypoints(ann.get("keypoints") if cat_id in layout.categories else None, layout.num_keypoints)
+        if isinstance(points, str):
+            return points
+    return image_id, InstanceRecord(ann_id, class_of[cat_id], polygons=polygons, rle=rle, is_crowd=is_crowd,
+                                    keypoints=points)
+
+
+def read_keypoints(values: Any, num_keypoints: int) -> np.ndarray | str:
+    """float64 ``[J, 3]`` of an annotation's ``keypoints`` (all zeros when it has none), or a skip reason."""
+    if values is None:
+        return np.zeros((num_keypoints, 3))
+    if type(values) is not list or not NUMBER_TYPES.issuperset(map(type, values)):
+        return "malformed_annotation"
+    try:
+        array = np.array(values, np.float64)
+    except OverflowError:  # an integer beyond the float range
+        return "bad_keypoints"
+    return keypoint_rows(array, num_keypoints)
 
 
 Shape = tuple[tuple[np.ndarray, ...], dict | None]

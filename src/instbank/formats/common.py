@@ -52,6 +52,21 @@ def valid_box(x: float, y: float, w: float, h: float) -> bool:
     return bool(np.isfinite([x, y, w, h]).all()) and w > 0 and h > 0
 
 
+def keypoint_rows(values: np.ndarray, num_keypoints: int) -> np.ndarray | str:
+    """float64 ``[J, 3]`` rows ``x, y, v`` of float64 ``[3 * J]`` ``values`` (COCO's flat
+    ``x1, y1, v1, ...``), with ``x = y = 0`` where ``v = 0`` (COCO writes unlabeled keypoints so;
+    some tools leave a position there); ``"bad_keypoints"`` for another length, a NaN/inf or a
+    ``v`` outside 0, 1, 2."""
+    if values.shape != (3 * num_keypoints,) or not np.isfinite(values).all():
+        return "bad_keypoints"
+    rows = values.reshape(num_keypoints, 3).copy()
+    v = rows[:, 2]
+    if not ((v == 0) | (v == 1) | (v == 2)).all():  # np.isin costs 4x this (~10 us per row set)
+        return "bad_keypoints"
+    rows[v == 0, :2] = 0
+    return rows
+
+
 #: Every key a reader puts in ``Dataset.skipped``, with what it means (for build reports).
 #: Keys in ``FILE_REASONS`` count images or label files; the others count dropped instances.
 REASONS: dict[str, str] = {
@@ -65,6 +80,8 @@ REASONS: dict[str, str] = {
     "rle_size_mismatch": "RLE size differs from the image's height/width",
     "bad_rle": "RLE runs are negative or do not add up to height*width (SA-1B: or a corrupt counts string)",
     "malformed_annotation": "annotation field of the wrong JSON type",
+    "bad_keypoints": ("keypoints of another length than 3 x the layout's J (YOLO: kpt_shape), a NaN/inf, "
+                      "or a visibility not 0, 1, 2"),
     # YOLO, per label line
     "box_only": "label line with a box and no polygon (pass box_masks to use the box)",
     "bad_label_line": "label line that is not numbers, has NaN/inf, an odd coordinate count or < 3 points",

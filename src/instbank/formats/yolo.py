@@ -11,6 +11,15 @@ Layouts read:
   unknown, so the class indices seen become the classes, named ``class<index>``, with contiguous
   ids in ascending index (``source_id`` keeps the index).
 
+YOLO-pose: a yaml with ``kpt_shape: [J, 2 or 3]`` (optional ``flip_idx``: the flip permutation,
+``kpt_names``: the ``J`` names, as a list or per class ``{index: [names]}``, the same for every
+class) has pose lines ``cls cx cy w h x1 y1 [v1] ... xJ yJ [vJ]`` (all normalised). A pose line
+carries a box, not a polygon: it is cut as the box rectangle only with ``box_masks`` (else counted
+``box_only``, with a note). Without ``v`` (``[J, 2]``) a keypoint is visible (``v = 2``) unless it
+is ``0 0``, the missing point of YOLO tools (``v = 0``). The bank's ``KeypointSpec``: those names
+(default ``kp0..kp{J-1}``), no skeleton (YOLO has none), ``flip_idx`` (default: from the names).
+A malformed ``kpt_shape``, ``flip_idx`` or ``kpt_names`` is an ``InputError`` naming the yaml.
+
 Labels: ``.../images/<sub>/x.jpg`` -> ``.../labels/<sub>/x.txt`` (the Ultralytics rule: the last
 ``images`` path component becomes ``labels``). Orphan label files are looked for under the label
 directories of image *directories* only, not of ``.txt`` image lists.
@@ -21,7 +30,8 @@ splits together, duplicates once); ``ann_id = image_id * 1_000_000 + line`` with
 
 Counts in ``Dataset.skipped``. Per label line (the instance is dropped): ``box_only`` (5 numbers,
 ``box_masks=False``), ``bad_label_line`` (not numbers, NaN/inf, non-integer class, odd coordinate
-count, < 3 points, empty box), ``class_out_of_range``. Per file (nothing dropped, except orphan
+count, < 3 points, empty box), ``bad_keypoints`` (pose: another number of values than
+``5 + J * dim``, a visibility not 0, 1, 2), ``class_out_of_range``. Per file (nothing dropped, except orphan
 label files, which no image reads): ``image_without_label`` (the image is kept with no instances),
 ``label_without_image``, ``empty_label_file``.
 """
@@ -36,8 +46,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from instbank.formats.common import gc_paused, input_error, rectangle, valid_box
-from instbank.types import ClassInfo, Dataset, ImageRecord, InstanceRecord, SkipLog
+from instbank.formats.common import gc_paused, input_error, keypoint_rows, rectangle, valid_box
+from instbank.types import MAX_KEYPOINTS, ClassInfo, Dataset, ImageRecord, InstanceRecord, KeypointSpec, SkipLog
 
 SPLITS = ("train", "val", "test")
 #: Ultralytics ``IMG_FORMATS`` (ultralytics/data/utils.py), compared lower-case.
@@ -58,43 +68,58 @@ class Layout:
     listed: list[str] = field(default_factory=list)
     names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    keypoints: KeypointSpec | None = None
+    keypoint_dim: int = 3
 
 
 @dataclass
 class Parsed:
-    """One label line that passed every check: polygon float64 ``[n, 2]``, normalised."""
+    """One label line that passed every check: polygon float64 ``[n, 2]`` and, for pose lines,
+    keypoints float64 ``[J, 3]``, normalised."""
 
     ann_id: int
     source_class: int
     polygon: np.ndarray
+    keypoints: np.ndarray | None = None
 
 
-def read_yolo(path: str | os.PathLike, *, box_masks: bool = False, splits: Sequence[str] | None = None) -> Dataset:
+def read_yolo(
+    path: str | os.PathLike, *, box_masks: bool = False, splits: Sequence[str] | None = None, keypoints: bool = True
+) -> Dataset:
     """Read a YOLO-seg data set from a ``data.yaml`` or a directory (see the module docstring).
 
     ``splits``: which of ``train``/``val``/``test`` to read (default: every split the yaml names;
     for a plain directory, the subdirectories ``images/<split>``). ``box_masks``: a box-only line
-    ``cls cx cy w h`` becomes a rectangle polygon instead of being skipped.
+    ``cls cx cy w h`` (or a pose line) becomes a rectangle polygon instead of being skipped.
+    ``keypoints``: read YOLO-pose keypoints when the yaml has ``kpt_shape`` (``False``: pose lines
+    are read for their box only, a bank without keypoints).
 
     Polygons are float64 ``[n, 2]`` in ``[0, 1]`` (``normalized=True``); width/height are 0.
     """
     chosen = check_splits(splits)
     layout = find_layout(Path(path), chosen)
+    if layout.keypoints is not None and not box_masks:
+        layout.notes.append("pose labels (kpt_shape) carry a box and no polygon: every line is skipped as box_only "
+                            "unless box_masks cuts the box rectangle")
     image_paths = sorted(set(walk_images(layout.image_dirs)) | set(layout.listed))
     skips = SkipLog()
     with gc_paused():
-        parsed = [read_label_file(i, p, layout.names, box_masks, skips) for i, p in enumerate(image_paths)]
+        parsed = [read_label_file(i, p, layout, box_masks, skips) for i, p in enumerate(image_paths)]
         classes = class_table(layout, parsed, layout.notes)
-        images = image_records(image_paths, parsed, {c.source_id: c.id for c in classes})
+        images = image_records(image_paths, parsed, {c.source_id: c.id for c in classes}, keypoints)
     orphans = sorted(walk_labels(layout.image_dirs) - {label_path(p) for p in image_paths})
     for orphan in orphans:
         skips.add("label_without_image", orphan, detail="no image of this name beside the labels")
     return Dataset(source=str(path), kind="yolo", images=images, classes=classes, skipped=skips.counts, notes=layout.notes,
-                   skip_examples=skips.examples, images_root=str(layout.root))
+                   skip_examples=skips.examples, images_root=str(layout.root),
+                   keypoint_spec=layout.keypoints if keypoints else None)
 
 
-def image_records(image_paths: list[str], parsed: list[list[Parsed]], contiguous: dict[int, int]) -> list[ImageRecord]:
-    """One ``ImageRecord`` per image path, ``image_id`` = its index; class indices made contiguous."""
+def image_records(
+    image_paths: list[str], parsed: list[list[Parsed]], contiguous: dict[int, int], keypoints: bool = True
+) -> list[ImageRecord]:
+    """One ``ImageRecord`` per image path, ``image_id`` = its index; class indices made contiguous;
+    pose keypoints kept when ``keypoints``."""
     return [
         ImageRecord(
             image_id=i,
@@ -102,7 +127,8 @@ def image_records(image_paths: list[str], parsed: list[list[Parsed]], contiguous
             width=0,
             height=0,
             instances=tuple(
-                InstanceRecord(r.ann_id, contiguous[r.source_class], polygons=(r.polygon,), normalized=True)
+                InstanceRecord(r.ann_id, contiguous[r.source_class], polygons=(r.polygon,), normalized=True,
+                               keypoints=r.keypoints if keypoints else None)
                 for r in records
             ),
         )
@@ -168,6 +194,7 @@ def yaml_layout(path: Path, splits: list[str] | None) -> Layout:
     if not chosen:
         raise input_error(path, "names no split (train, val or test)")
     layout = Layout(root=os.path.abspath(root), names=class_names(path, cfg))
+    layout.keypoints, layout.keypoint_dim = pose_layout(path, cfg)
     for split in chosen:
         for entry in split_entries(path, cfg, split):
             add_split_entry(path, split, root, entry, layout)
@@ -235,6 +262,45 @@ def class_names(path: Path, cfg: dict) -> list[str] | None:
     return [str(n) for n in names]
 
 
+def pose_layout(path: Path, cfg: dict) -> tuple[KeypointSpec | None, int]:
+    """``(KeypointSpec, dim)`` from ``kpt_shape``, ``flip_idx`` and ``kpt_names`` (``(None, 3)``
+    without ``kpt_shape``); ``InputError`` naming the yaml for a malformed one."""
+    shape = cfg.get("kpt_shape")
+    if shape is None:
+        for key in ("flip_idx", "kpt_names"):
+            if cfg.get(key) is not None:
+                raise input_error(path, f"'{key}' without 'kpt_shape' (YOLO-pose needs kpt_shape: [J, 2 or 3])")
+        return None, 3
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int for v in shape)
+            and 1 <= shape[0] <= MAX_KEYPOINTS and shape[1] in (2, 3)):
+        raise input_error(path, f"'kpt_shape' must be [J, 2 or 3] with J in 1..{MAX_KEYPOINTS} (got {shape!r:.40})")
+    j = shape[0]
+    names = keypoint_names(path, cfg.get("kpt_names"), j)
+    flip = cfg.get("flip_idx")
+    if flip is not None and not (isinstance(flip, list) and all(type(v) is int for v in flip) and sorted(flip) == list(range(j))):
+        raise input_error(path, f"'flip_idx' must be a permutation of 0..{j - 1} (one slot per keypoint of kpt_shape), "
+                          f"got {flip!r:.80}")
+    return KeypointSpec(tuple(names), (), None if flip is None else tuple(flip)), shape[1]
+
+
+def keypoint_names(path: Path, value: Any, j: int) -> list[str]:
+    """``kpt_names``: ``J`` distinct names, as a list or per class (``{index: [names]}`` or a list
+    of lists, the same for every class); ``kp0..kp{J-1}`` when absent."""
+    if value is None:
+        return [f"kp{i}" for i in range(j)]
+    per_class = list(value.values()) if isinstance(value, dict) else value
+    if isinstance(per_class, list) and per_class and all(isinstance(n, str) for n in per_class):
+        per_class = [per_class]
+    if not (isinstance(per_class, list) and per_class and all(isinstance(n, list) for n in per_class)):
+        raise input_error(path, "'kpt_names' must be a list of names, or one list of names per class")
+    if any(names != per_class[0] for names in per_class):
+        raise input_error(path, "'kpt_names' differ between classes; a bank holds one keypoint layout")
+    names = per_class[0]
+    if len(names) != j or not all(is_scalar(n) for n in names) or len({str(n) for n in names}) != j:
+        raise input_error(path, f"'kpt_names' must be {j} distinct names (kpt_shape), got {names!r:.80}")
+    return [str(n) for n in names]
+
+
 def names_from_dict(path: Path, names: dict) -> list:
     """``{0: a, 1: b}`` (keys may be digit strings) -> ``[a, b]``; keys must be exactly ``0..n-1``."""
     by_index = {int(k) if isinstance(k, str) and k.isdecimal() else k: v for k, v in names.items()}
@@ -282,9 +348,7 @@ def label_dir_of(image_dir: str) -> str:
     return (head + _LABELS + tail if sep else image_dir + os.sep).rstrip(os.sep)
 
 
-def read_label_file(
-    image_id: int, image_path: str, names: list[str] | None, box_masks: bool, skips: SkipLog
-) -> list[Parsed]:
+def read_label_file(image_id: int, image_path: str, layout: Layout, box_masks: bool, skips: SkipLog) -> list[Parsed]:
     path = label_path(image_path)
     try:
         with open(path, "rb") as f:
@@ -298,14 +362,18 @@ def read_label_file(
     lines = data.decode("utf-8", errors="replace").split("\n")
     if len(lines) > LINES_PER_FILE:
         raise input_error(path, f"has more than {LINES_PER_FILE} lines; annotation ids would collide")
-    num_classes = None if names is None else len(names)
+    num_classes = None if layout.names is None else len(layout.names)
+    pose = None if layout.keypoints is None else (layout.keypoints.num_keypoints, layout.keypoint_dim)
     records, nonblank = [], 0
     for line_no, line in enumerate(lines):
         tokens = line.split()
         if not tokens:
             continue
         nonblank += 1
-        result = parse_line(tokens, num_classes, box_masks)
+        if pose is None:
+            result = parse_line(tokens, num_classes, box_masks)
+        else:
+            result = parse_pose_line(tokens, num_classes, box_masks, *pose)
         ann_id = image_id * LINES_PER_FILE + line_no
         if isinstance(result, str):
             skips.add(result, path, image_id, ann_id, detail=f"line {line_no + 1}: {line.strip()[:60]}")
@@ -339,6 +407,39 @@ def parse_line(tokens: list[str], num_classes: int | None, box_masks: bool) -> t
     if cls < 0 or (num_classes is not None and cls >= num_classes):
         return "class_out_of_range"
     return cls, polygon
+
+
+def parse_pose_line(
+    tokens: list[str], num_classes: int | None, box_masks: bool, num_keypoints: int, dim: int
+) -> tuple[int, np.ndarray, np.ndarray] | str:
+    """``(class index, box polygon float64 [4, 2], keypoints float64 [J, 3])`` for a pose line
+    ``cls cx cy w h x1 y1 [v1] ...``, else a skip reason (order: bad_label_line for numbers,
+    box_only, bad_keypoints, bad_label_line for the box, class_out_of_range)."""
+    try:
+        values = np.array(tokens, dtype=np.float64)
+    except ValueError:
+        return "bad_label_line"
+    if not np.isfinite(values).all() or not values[0].is_integer():
+        return "bad_label_line"
+    if not box_masks:
+        return "box_only"
+    points = values[5:]
+    if points.size != num_keypoints * dim:
+        return "bad_keypoints"
+    if dim == 2:
+        xy = points.reshape(-1, 2)
+        missing = (xy == 0).all(axis=1)  # "0 0": the missing point of YOLO tools
+        points = np.column_stack([xy, np.where(missing, 0.0, 2.0)]).reshape(-1)
+    keypoints = keypoint_rows(points, num_keypoints)
+    if isinstance(keypoints, str):
+        return keypoints
+    polygon = box_rectangle(*values[1:5])
+    if polygon is None:
+        return "bad_label_line"
+    cls = int(values[0])
+    if cls < 0 or (num_classes is not None and cls >= num_classes):
+        return "class_out_of_range"
+    return cls, polygon, keypoints
 
 
 def box_rectangle(cx: float, cy: float, w: float, h: float) -> np.ndarray | None:

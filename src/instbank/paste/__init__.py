@@ -18,6 +18,10 @@ Implementations of the compositing (``impl``), all with the reference's signatur
 - ``paste``: prepare the alpha (``prepare_alpha``), then composite with the chosen implementation
 - ``paste_image``: the torch reference (``instbank.paste.reference``), the specification
 - ``BankCopyPaste`` / ``CopyPasteConfig`` / ``BankSource``: ``instbank.paste.module``
+- targets beyond masks: ``instbank.paste.keypoints`` (keypoints through the paste,
+  COCO's person keypoints), ``instbank.paste.panoptic`` (``PanopticSchema``,
+  ``Segments``), ``instbank.paste.inbatch`` (objects of the batch's other images as crops); their
+  numba and Triton twins in ``instbank.paste.cpu_targets`` and ``instbank.paste.triton_targets``
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ _LAZY = {
     "occlude_instances": "instbank.paste.annotations",
     "paste_instances": "instbank.paste.annotations",
     "paint_semantic": "instbank.paste.annotations",
+    "PanopticSchema": "instbank.paste.panoptic",
+    "Segments": "instbank.paste.panoptic",
+    "COCO_PERSON_KEYPOINTS": "instbank.paste.keypoints",
+    "COCO_PERSON_SKELETON": "instbank.paste.keypoints",
 }
 
 __all__ = ["IMPLS", "paste", "prepare_alpha", "prepared_alpha", "resolve_impl", *_LAZY]

@@ -9,7 +9,8 @@ LLVM's ``contract`` flag off without ``fastmath``); tested in ``tests/test_paste
 A module of its own so that editing it leaves the machine code numba cached for
 ``instbank.paste.cpu_kernel`` valid (numba's cache is keyed on the source file), and so that a
 training loop that uses none of these compiles none of them: each function compiles on its first
-call in a process (about 1-3 s) and is cached on disk like the paste kernel.
+call with an empty cache (keypoints 0.8 s, the resample 1 s, the panoptic map 6 s per map dtype)
+and is cached on disk like the paste kernel.
 """
 
 from __future__ import annotations

@@ -46,25 +46,6 @@ COCO_PERSON_SKELETON = (
 )
 
 
-def flip_permutation(names) -> list[int]:
-    """The ``keypoint_flip`` of a skeleton from its keypoint names: ``left_X`` and ``right_X`` swap
-    (COCO's and Ultralytics' naming; ``flip_idx`` in an Ultralytics data yaml is this list), every
-    other keypoint keeps its slot. ``ValueError`` on a ``left_`` name without its ``right_`` twin."""
-    index = {name: i for i, name in enumerate(names)}
-    flip = []
-    for name in names:
-        for side, other in (("left_", "right_"), ("right_", "left_")):
-            if name.startswith(side):
-                twin = other + name[len(side):]
-                if twin not in index:
-                    raise ValueError(f"keypoint {name!r} has no {twin!r} to swap with under a flip")
-                flip.append(index[twin])
-                break
-        else:
-            flip.append(index[name])
-    return flip
-
-
 def paste_keypoints(crop_keypoints: torch.Tensor, keypoint_flip: torch.Tensor, plan: PastePlan) -> torch.Tensor:
     """float32 ``[B, K, J, 3]``: the staged crops' keypoints (float32 ``[B, K, J, 3]``, crop pixels)
     in the target image, slots swapped where flipped, zeros for unlabeled keypoints and for pastes

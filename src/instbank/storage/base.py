@@ -10,6 +10,7 @@ Layout of a bank directory (every backend)::
         000000/                one build shard = a contiguous chunk of images
           meta.npy             META_DTYPE [n]        geometry + class id per crop (types.META_DTYPE)
           digests.npy          uint8 [n, 32]         digest of each crop (BLAKE3; sha256 in format 1), see ``crop_digests``
+          keypoints.npy        float32 [n, J, 3]     only in banks with keypoints: x, y (crop pixels), v per keypoint
           <payload>            backend-specific pixels (memmap: pixels.u8; lmdb: data.mdb; wds: *.tar)
           shard.json           written last in the shard: counts, class histogram, shard hash,
                                skip report, payload description; a shard without it is unfinished
@@ -30,13 +31,17 @@ Layout of a bank directory (every backend)::
     build           dict        the build configuration (source, filters, size, workers...)
     skipped         {reason: count}
     has_embeddings  bool
+    keypoints       {names, skeleton, flip}    only in banks with keypoints: the layout (types.KeypointSpec)
     instbank_version, created
 
 Content hash (DESIGN "version"): each crop's digest is ``BLAKE3(rgba bytes [4,S,S] C-order ||
-meta row bytes (META_DTYPE, which includes the class id))`` (``sha256`` of the same bytes in
-format-1 banks, ``DIGESTS``); the bank hash is
-``sha256(header || digest_0 || digest_1 || ...)`` with ``header`` the canonical JSON of the crop size
-and the class table. It depends on content and order only, not on backend, sharding or workers.
+meta row bytes (META_DTYPE, which includes the class id) || keypoint bytes)`` (``sha256`` of the
+same bytes in format-1 banks, ``DIGESTS``), the keypoint bytes (float32 ``[J, 3]`` little-endian,
+C order) only in a bank with keypoints; the bank hash is
+``sha256(header || digest_0 || digest_1 || ...)`` with ``header`` the canonical JSON of the crop size,
+the class table and, only in a bank with keypoints, its layout (``"keypoints"``). So a bank without
+keypoints hashes exactly as before keypoints existed. It depends on content and order only, not on
+backend, sharding or workers.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import numpy as np
 from instbank.errors import BankError
 from instbank.storage.registry import BACKENDS, get_backend
 from instbank.storage.url import RemotePath, fetch_shard, is_url, location, read_all, safe_name, scratch_dir
-from instbank.types import META_DTYPE, BankCrop, ClassInfo, CropMeta
+from instbank.types import META_DTYPE, BankCrop, ClassInfo, CropMeta, KeypointSpec
 
 #: 2: per-crop digests are BLAKE3 (was sha256 in 1; the layout is unchanged and 1 is still read).
 FORMAT_VERSION = 2
@@ -65,6 +70,9 @@ SHARDS_DIR = "shards"
 #: The build's plan (shard ranges, config), written first so that a resumed build cuts the same shards.
 PLAN_FILE = "build.json"
 LOCK_FILE = ".lock"
+#: A shard's keypoints, float32 ``[n, J, 3]``, in banks with keypoints only.
+KEYPOINTS_FILE = "keypoints.npy"
+KEYPOINT_DTYPE = np.dtype("<f4")
 #: Where ``instbank pull`` assembles a shard before it is checked and moved into ``shards/``.
 PULL_DIR = ".pull"
 DIGEST_BYTES = 32
@@ -91,30 +99,40 @@ def _digest_factory(format_version: int):
     return hashlib.sha256
 
 
-def crop_digests(rgba: np.ndarray, meta: np.ndarray, format_version: int = FORMAT_VERSION) -> np.ndarray:
+def crop_digests(rgba: np.ndarray, meta: np.ndarray, format_version: int = FORMAT_VERSION,
+                 keypoints: np.ndarray | None = None) -> np.ndarray:
     """uint8 ``[n, 32]``: the digest (``DIGESTS[format_version]``) of each crop's RGBA bytes
-    followed by its META_DTYPE row bytes. Pass a bank's own ``format_version`` to check its
-    stored digests; new banks use ``FORMAT_VERSION``."""
-    if len(rgba) != len(meta):
-        raise ValueError(f"{len(rgba)} crops but {len(meta)} meta rows")
+    followed by its META_DTYPE row bytes and, in a bank with keypoints, its float32 ``[J, 3]``
+    ``keypoints`` bytes (``keypoints``: ``[n, J, 3]``). Pass a bank's own ``format_version`` to
+    check its stored digests; new banks use ``FORMAT_VERSION``."""
+    if len(rgba) != len(meta) or (keypoints is not None and len(keypoints) != len(rgba)):
+        raise ValueError(f"{len(rgba)} crops but {len(meta)} meta rows"
+                         + ("" if keypoints is None else f" and {len(keypoints)} keypoint rows"))
     new = _digest_factory(format_version)
     meta = np.ascontiguousarray(meta, dtype=META_DTYPE)
+    points = None if keypoints is None else np.ascontiguousarray(keypoints, KEYPOINT_DTYPE)
     out = np.empty((len(rgba), DIGEST_BYTES), np.uint8)
     for i in range(len(rgba)):
         h = new(np.ascontiguousarray(rgba[i]).data)
         h.update(meta[i : i + 1].tobytes())
+        if points is not None:
+            h.update(points[i].tobytes())
         out[i] = np.frombuffer(h.digest(), np.uint8)
     return out
 
 
-def _header_bytes(crop_size: int, classes: Sequence[ClassInfo]) -> bytes:
+def _header_bytes(crop_size: int, classes: Sequence[ClassInfo], keypoints: KeypointSpec | None = None) -> bytes:
     header = {"crop_size": [crop_size, crop_size], "classes": [c.to_json() for c in classes]}
+    if keypoints is not None:  # only then: a bank without keypoints keeps its hash
+        header["keypoints"] = keypoints.to_json()
     return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
 
 
-def content_hash(crop_size: int, classes: Sequence[ClassInfo], digest_chunks: Iterable[np.ndarray]) -> str:
-    """Bank content hash over the crop size, the class table and the ordered crop digests."""
-    h = hashlib.sha256(_header_bytes(crop_size, classes))
+def content_hash(crop_size: int, classes: Sequence[ClassInfo], digest_chunks: Iterable[np.ndarray],
+                 keypoints: KeypointSpec | None = None) -> str:
+    """Bank content hash over the crop size, the class table, the keypoint layout (when the bank
+    has one) and the ordered crop digests."""
+    h = hashlib.sha256(_header_bytes(crop_size, classes, keypoints))
     for chunk in digest_chunks:
         h.update(np.ascontiguousarray(chunk, np.uint8).data)
     return h.hexdigest()
@@ -229,6 +247,25 @@ def load_shard_digests(shard_dir: Path, num_crops: int) -> np.ndarray:
     return load_shard_array(location(shard_dir) / "digests.npy", "crop digests", np.dtype(np.uint8), (num_crops, DIGEST_BYTES))
 
 
+def load_shard_keypoints(shard_dir: Path, num_crops: int, num_keypoints: int, data: bytes | None = None) -> np.ndarray:
+    """float32 ``[num_crops, J, 3]`` of ``shard_dir/keypoints.npy`` (or of its bytes ``data``),
+    checked: its dtype and shape, finite values, visibilities 0, 1, 2 (a ``BankError`` naming the
+    file otherwise). A shard without crops needs no file."""
+    if num_crops == 0:
+        return np.empty((0, num_keypoints, 3), KEYPOINT_DTYPE)
+    path = location(shard_dir) / KEYPOINTS_FILE
+    points = load_shard_array(path, "keypoints", KEYPOINT_DTYPE, (num_crops, num_keypoints, 3), data)
+    if not np.isfinite(points).all() or not np.isin(points[..., 2], (0, 1, 2)).all():
+        raise BankError(f"{path}: keypoints hold a NaN/inf or a visibility other than 0, 1, 2 (run instbank verify)")
+    return points
+
+
+def keypoint_spec_of(manifest: Mapping[str, Any]) -> KeypointSpec | None:
+    """The layout of a checked manifest's ``keypoints`` (``None``: a bank without keypoints)."""
+    entry = manifest.get("keypoints")
+    return None if entry is None else KeypointSpec.from_json(entry)
+
+
 def classes_from_json(entries: Sequence[Mapping[str, Any]]) -> list[ClassInfo]:
     return [ClassInfo(int(c["id"]), int(c["source_id"]), str(c["name"])) for c in entries]
 
@@ -302,6 +339,11 @@ def check_manifest(manifest: Any, path: Path) -> None:
         raise BankError(f"{path}: skipped must map reasons to counts")
     _check_classes(manifest, path)
     _check_shards(manifest["shards"], path)
+    if "keypoints" in manifest:
+        try:
+            KeypointSpec.from_json(manifest["keypoints"])
+        except ValueError as e:
+            raise BankError(f"{path}: keypoints: {e}") from None
 
 
 def _check_classes(manifest: dict, path: Path) -> None:
@@ -372,7 +414,9 @@ class PayloadWriter(Protocol):
     A backend module provides ``writer_options(options) -> dict`` (its defaults merged with the
     user's options, every value checked; ``ValueError`` saying what is wrong) and
     ``Writer(shard_dir: Path, crop_size: int, options: Mapping)``, given those options. ``append``
-    receives crops in global order (``first_index`` is the shard-local index of ``rgba[0]``);
+    receives crops in global order (``first_index`` is the shard-local index of ``rgba[0]``)
+    and, in a bank with keypoints, their float32 ``[n, J, 3]`` keypoints (``None`` otherwise; a
+    backend may store them in its payload too, as the WebDataset tars do);
     ``close`` finishes the files and returns the JSON-able payload description stored in
     ``shard.json["payload"]``; ``abort`` closes without finishing. ``backend_options`` (class
     attribute or property) is recorded in the bank manifest (e.g. the codec).
@@ -380,7 +424,7 @@ class PayloadWriter(Protocol):
 
     backend_options: Mapping[str, Any]
 
-    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int) -> None: ...
+    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int, keypoints: np.ndarray | None = None) -> None: ...
 
     def close(self) -> dict: ...
 
@@ -409,6 +453,28 @@ class InstanceBank(Protocol):
     def __getitem__(self, i: int) -> BankCrop: ...
 
     def get_many(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
+
+    @property
+    def keypoint_table(self) -> np.ndarray | None:
+        """float32 ``[N, J, 3]``, every crop's keypoints (``BankBatch.keypoints``' convention),
+        loaded once per process like ``meta_table`` (12 bytes per keypoint: 204 per crop for COCO's
+        17); ``None`` for a bank without keypoints."""
+        if self.keypoint_spec is None:
+            return None
+        if self._keypoints is None:
+            j = self.keypoint_spec.num_keypoints
+            dirs = [self.path / SHARDS_DIR / s["dir"] for s in self._shards]
+            blobs = read_all([d / KEYPOINTS_FILE for d in dirs])  # at a URL: fetched together
+            parts = [load_shard_keypoints(d, s["num_crops"], j, blob) for d, s, blob in zip(dirs, self._shards, blobs)]
+            self._keypoints = np.concatenate(parts) if parts else np.empty((0, j, 3), KEYPOINT_DTYPE)
+        return self._keypoints
+
+    def get_keypoints(self, indices) -> np.ndarray | None:
+        """float32 ``[n, J, 3]`` keypoints of the crops at ``indices`` (any int array shape,
+        flattened), in crop pixels; ``None`` for a bank without keypoints."""
+        idx = self._normalize(indices)
+        table = self.keypoint_table
+        return None if table is None else table[idx]
 
     @property
     def crop_class_ids(self) -> np.ndarray: ...
@@ -457,6 +523,9 @@ class ShardedBank:
             raise BankError(f"{self.path / MANIFEST}: shards hold {self._len} crops, manifest says {self.manifest['num_crops']}")
         self._s = int(self.manifest["crop_size"][0])
         self._meta: np.ndarray | None = None
+        self._keypoints: np.ndarray | None = None
+        #: The bank's keypoint layout (``types.KeypointSpec``), ``None`` for a bank without keypoints.
+        self.keypoint_spec = keypoint_spec_of(self.manifest)
         self._handles: dict[int, Any] = {}
         self._pid: int | None = None
         self._scratch: Path | None = None
@@ -467,6 +536,7 @@ class ShardedBank:
         state["_handles"] = {}
         state["_pid"] = None
         state["_meta"] = None  # reloaded from disk: pickles stay a path, not the data
+        state["_keypoints"] = None
         return state
 
     def _handle(self, shard: int) -> Any:
@@ -591,7 +661,8 @@ class ShardedBank:
             raise TypeError(f"bank indices must be integers, got {type(i).__name__} (use get_many for arrays)")
         j = int(self._normalize([i])[0])
         row = self.meta_table[j]
-        return BankCrop(self.get_many([j])[0], int(row["class_id"]), CropMeta.from_row(row), None)
+        points = None if self.keypoint_spec is None else self.keypoint_table[j].copy()
+        return BankCrop(self.get_many([j])[0], int(row["class_id"]), CropMeta.from_row(row), None, points)
 
     def __iter__(self):
         for i in range(self._len):
@@ -611,6 +682,28 @@ class ShardedBank:
                 raise BankError(f"{self.path}: crops have class ids outside the class table ({len(self.classes)} classes; run instbank verify)")
             self._meta = meta
         return self._meta
+
+    @property
+    def keypoint_table(self) -> np.ndarray | None:
+        """float32 ``[N, J, 3]``, every crop's keypoints (``BankBatch.keypoints``' convention),
+        loaded once per process like ``meta_table`` (12 bytes per keypoint: 204 per crop for COCO's
+        17); ``None`` for a bank without keypoints."""
+        if self.keypoint_spec is None:
+            return None
+        if self._keypoints is None:
+            j = self.keypoint_spec.num_keypoints
+            dirs = [self.path / SHARDS_DIR / s["dir"] for s in self._shards]
+            blobs = read_all([d / KEYPOINTS_FILE for d in dirs])  # at a URL: fetched together
+            parts = [load_shard_keypoints(d, s["num_crops"], j, blob) for d, s, blob in zip(dirs, self._shards, blobs)]
+            self._keypoints = np.concatenate(parts) if parts else np.empty((0, j, 3), KEYPOINT_DTYPE)
+        return self._keypoints
+
+    def get_keypoints(self, indices) -> np.ndarray | None:
+        """float32 ``[n, J, 3]`` keypoints of the crops at ``indices`` (any int array shape,
+        flattened), in crop pixels; ``None`` for a bank without keypoints."""
+        idx = self._normalize(indices)
+        table = self.keypoint_table
+        return None if table is None else table[idx]
 
     @property
     def crop_class_ids(self) -> np.ndarray:

@@ -76,9 +76,9 @@ def _convert(src, src_path, dst_path, backend, options, overwrite, check_digests
         shards = copy_banks(writer, [CopySource(src)], shard_crops=shard_crops, check_digests=check_digests or older,
                             progress=progress)
         # Checked before the manifest is written: a mismatch means the source manifest is wrong.
-        if not older and content_hash(crop_size, src.classes, [s.digests for s in shards]) != src.content_hash:
+        if not older and content_hash(crop_size, src.classes, [s.digests for s in shards], src.keypoint_spec) != src.content_hash:
             raise BankError(
                 f"{src_path / MANIFEST}: content_hash does not match the bank's crop digests (edited? run instbank verify)"
             )
         build = {**src.manifest.get("build", {}), "converted_from": {"path": str(src_path), "version": src.version}}
-        return writer.commit(src.classes, shards, build, src.manifest.get("skipped", {}))
+        return writer.commit(src.classes, shards, build, src.manifest.get("skipped", {}), src.keypoint_spec)

@@ -8,8 +8,11 @@ becomes one output shard and keeps what its ``shard.json`` says about its source
 ``N`` (the last one shorter), and per-shard image notes are dropped (the bank manifest keeps the
 totals).
 
-Digests: copied as they are when the class ids do not change (the crops and their meta rows are
-the same bytes); recomputed from the pixels when a remap changes a class id (it is part of each
+Keypoints (``keypoints.npy``) travel with their crops; every source must have the same keypoint
+layout (``BuildError``; ``merge`` says which banks differ first).
+
+Digests: copied as they are when the class ids do not change (the crops, their meta rows and
+keypoints are the same bytes); recomputed from the pixels when a remap changes a class id (it is part of each
 crop's digest). ``check_digests`` also recomputes each input crop's digest and stops at the first
 that differs from its ``digests.npy`` (``BankError``): a corrupt input is never copied into a bank
 whose hashes would then vouch for it.
@@ -26,9 +29,10 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from instbank.errors import BankError
+from instbank.errors import BankError, BuildError
 from instbank.storage.base import (
-    FORMAT_VERSION, SHARD_MANIFEST, ShardedBank, crop_digests, load_shard_digests, load_shard_meta, read_json,
+    FORMAT_VERSION, SHARD_MANIFEST, ShardedBank, crop_digests, load_shard_digests, load_shard_keypoints,
+    load_shard_meta, read_json,
 )  # fmt: skip
 from instbank.storage.writer import BankWriter, ShardResult, shard_dir_name
 from instbank.types import ProgressFn
@@ -38,7 +42,7 @@ CHUNK_BYTES = 64 << 20
 MAX_CHUNK = 4096
 #: Keys of shard.json that ShardWriter writes itself; any other key describes the shard's source
 #: images (num_images, skip_examples, exif_rotated, ...) and is copied as it is.
-SHARD_KEYS = frozenset({"num_crops", "hash", "class_ids", "skipped", "payload", "backend_options"})
+SHARD_KEYS = frozenset({"num_crops", "hash", "class_ids", "skipped", "payload", "backend_options", "num_keypoints"})
 
 
 def chunk_length(crop_size: int) -> int:
@@ -47,14 +51,16 @@ def chunk_length(crop_size: int) -> int:
 
 
 class Piece(NamedTuple):
-    """Consecutive crops on their way: uint8 ``[n, 4, S, S]``, META_DTYPE ``[n]``, uint8 ``[n, 32]``."""
+    """Consecutive crops on their way: uint8 ``[n, 4, S, S]``, META_DTYPE ``[n]``, uint8 ``[n, 32]``
+    and, in a bank with keypoints, float32 ``[n, J, 3]``."""
 
     rgba: np.ndarray
     meta: np.ndarray
     digests: np.ndarray
+    keypoints: np.ndarray | None = None
 
     def split(self, n: int) -> tuple[Piece, Piece]:
-        return Piece(*(a[:n] for a in self)), Piece(*(a[n:] for a in self))
+        return Piece(*(None if a is None else a[:n] for a in self)), Piece(*(None if a is None else a[n:] for a in self))
 
 
 class CopySource(NamedTuple):
@@ -76,12 +82,16 @@ def copy_banks(
     results in order (``writer.commit`` makes them a bank). See the module docstring."""
     if shard_crops is not None and shard_crops < 1:
         raise ValueError(f"shard_crops must be a positive number of crops, got {shard_crops}")
+    specs = {source.bank.keypoint_spec for source in sources}
+    if len(specs) > 1:
+        raise BuildError(f"{writer.path}: the banks have different keypoint layouts; one bank holds one")
+    spec = specs.pop() if specs else None
     groups = _input_shards(sources, check_digests, progress)
     if shard_crops is not None:
         groups = _regroup((piece for pieces, _ in groups for piece in pieces), shard_crops)
     results = []
     for pieces, info in groups:
-        with writer.shard(shard_dir_name(len(results))) as shard:
+        with writer.shard(shard_dir_name(len(results)), None if spec is None else spec.num_keypoints) as shard:
             for piece in pieces:
                 shard.append(*piece)
             shard.skipped.update(info.get("skipped", {}))
@@ -114,6 +124,8 @@ def _released(pieces: Iterator[Piece], bank: ShardedBank, shard_no: int) -> Iter
 def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_digests: bool, progress) -> Iterator[Piece]:
     meta = load_shard_meta(sdir, n)
     digests = load_shard_digests(sdir, n)
+    spec = bank.keypoint_spec
+    points = None if spec is None else load_shard_keypoints(sdir, n, spec.num_keypoints)
     version = bank.manifest["format_version"]
     if remap is not None:
         ids = meta["class_id"]
@@ -124,8 +136,9 @@ def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_dige
         hi = min(lo + step, n)
         rgba = bank.get_many(np.arange(start + lo, start + hi))
         rows, sums = meta[lo:hi], digests[lo:hi]
+        kp = None if points is None else points[lo:hi]
         if check_digests:
-            bad = np.flatnonzero((crop_digests(rgba, rows, version) != sums).any(axis=1))
+            bad = np.flatnonzero((crop_digests(rgba, rows, version, kp) != sums).any(axis=1))
             if len(bad):
                 raise BankError(
                     f"{sdir}: crop {start + lo + int(bad[0])} does not match its digest in digests.npy "
@@ -135,8 +148,8 @@ def _pieces(bank: ShardedBank, sdir: Path, n: int, start: int, remap, check_dige
             rows = rows.copy()
             rows["class_id"] = remap[rows["class_id"]]
         if remap is not None or version != FORMAT_VERSION:  # the output's digests: new ids, or today's digest
-            sums = crop_digests(rgba, rows)
-        yield Piece(rgba, rows, sums)
+            sums = crop_digests(rgba, rows, keypoints=kp)
+        yield Piece(rgba, rows, sums, kp)
         if progress is not None:
             progress(0, hi - lo)
 

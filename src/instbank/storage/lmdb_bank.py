@@ -134,7 +134,7 @@ class Writer:
         )  # fmt: skip
         self._n = 0
 
-    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int) -> None:
+    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int, keypoints: np.ndarray | None = None) -> None:
         stored = apply_filter(rgba, self.options["filter"])
         values = [self._compressor.compress(stored[i].data) for i in range(len(stored))]
         items = list(zip(encode_keys(np.arange(first_index, first_index + len(values))), values))

@@ -48,7 +48,7 @@ class Writer:
         self._f = open(self.path, "wb")
         self._n = 0
 
-    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int) -> None:
+    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int, keypoints: np.ndarray | None = None) -> None:
         self._f.write(np.ascontiguousarray(rgba).data)
         self._n += len(rgba)
 

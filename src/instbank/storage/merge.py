@@ -11,7 +11,8 @@ name keeps the ``source_id`` of the first bank that has it. So merging banks who
 equal changes no id, and the merged bank of the parts of a build has the same content hash (and
 ``version``) as the whole build. Each crop's ``class_id`` in ``meta.npy`` is remapped; where an id
 changes, the crop's digest (which covers it) is recomputed from the pixels, else it is copied.
-Inputs and output may be URLs (``s3://bucket/bank``), as for ``convert``.
+Inputs and output may be URLs (``s3://bucket/bank``), as for ``convert``. Banks with keypoints
+merge only with banks of the same keypoint layout (names, skeleton, flip): a bank holds one.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def _merge(paths, banks, out: Path, backend, overwrite, options, shard_crops, pr
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{p} (S={s})" for p, s in sizes.items())
         raise BuildError(f"{out}: cannot merge banks of different crop sizes: {listed}")
+    check_keypoint_layouts(paths, banks, out)
     backend = backend or banks[0].manifest["backend"]
     get_backend(backend)  # unknown backend: ValueError naming the valid ones, before writing
     classes, remaps = union_classes([b.classes for b in banks], [str(p) for p in paths])
@@ -105,4 +107,20 @@ def _merge(paths, banks, out: Path, backend, overwrite, options, shard_crops, pr
         sources = [CopySource(bank, remap) for bank, remap in zip(banks, remaps)]
         shards = copy_banks(writer, sources, shard_crops=shard_crops, progress=progress)
         build = {"merged_from": [{"path": str(p), "version": b.version, "num_crops": len(b)} for p, b in zip(paths, banks)]}
-        return writer.commit(classes, shards, build, skipped)
+        return writer.commit(classes, shards, build, skipped, banks[0].keypoint_spec)
+
+
+def check_keypoint_layouts(paths, banks, out) -> None:
+    """``BuildError`` naming the first bank whose keypoint layout differs from the first bank's."""
+    first = banks[0].keypoint_spec
+    for path, bank in zip(paths[1:], banks[1:]):
+        other = bank.keypoint_spec
+        if other != first:
+            theirs = ("the same names, another skeleton or flip" if first is not None and other is not None
+                      and other.names == first.names else _layout(other))
+            raise BuildError(f"{out}: cannot merge banks of different keypoint layouts: {paths[0]} "
+                             f"({_layout(first)}) and {path} ({theirs}); a bank holds one")
+
+
+def _layout(spec) -> str:
+    return "no keypoints" if spec is None else f"{spec.num_keypoints} keypoints: {', '.join(spec.names[:3])}, ..."

@@ -4,7 +4,7 @@ from there too.
 
 Shard by shard, with the build's commit-last protocol: a shard's files are downloaded into
 ``DIR/.pull/shards/NNNNNN``, checked as ``instbank verify`` checks them (``shard.json``,
-``meta.npy`` and the digests against the manifest, every crop against its digest, the backend's
+``meta.npy``, ``keypoints.npy`` and the digests against the manifest, every crop against its digest, the backend's
 payload hook), then moved into ``DIR/shards/``. After the last shard the content hash over all
 digests must be the manifest's, and ``manifest.json`` is written last. An interrupted pull keeps
 the shards it finished: running it again fetches only the rest (a shard counts as there when its
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from instbank.errors import BankError, BuildError, BuildInterrupted
 from instbank.storage.base import (
-    MANIFEST, PULL_DIR, SHARDS_DIR, classes_from_json, content_hash, load_manifest, load_npy, write_json_atomic,
+    MANIFEST, PULL_DIR, SHARDS_DIR, classes_from_json, content_hash, keypoint_spec_of, load_manifest, load_npy,
+    write_json_atomic,
 )  # fmt: skip
 from instbank.storage.registry import get_backend
 from instbank.storage.url import RemotePath, fetch_dir, is_url, why
@@ -54,7 +55,8 @@ def pull_bank(url: str, dest: str | os.PathLike, progress: ProgressFn | None = N
         (dest / SHARDS_DIR).mkdir(exist_ok=True)
         reused = _pull_shards(src, dest, manifest, progress)
         digests = [load_npy(dest / SHARDS_DIR / s["dir"] / "digests.npy") for s in manifest["shards"]]
-        chash = content_hash(int(manifest["crop_size"][0]), classes_from_json(manifest["classes"]), digests)
+        chash = content_hash(int(manifest["crop_size"][0]), classes_from_json(manifest["classes"]), digests,
+                             keypoint_spec_of(manifest))
         if chash != manifest["content_hash"]:
             raise BankError(f"{src / MANIFEST}: content_hash does not match the shards' crop digests (edited? run instbank verify)")
         write_json_atomic(dest / MANIFEST, manifest, durable=True)

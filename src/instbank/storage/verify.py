@@ -1,8 +1,8 @@
 """Verify a bank end to end (``instbank verify``).
 
-``verify_bank`` trusts nothing: it recomputes every crop's digest from the decoded pixels and its
-meta row, compares them with ``digests.npy``, recomputes each shard hash and the bank content hash,
-and checks the manifest's counts, version and class frequencies. Problems name the file at fault
+``verify_bank`` trusts nothing: it recomputes every crop's digest from the decoded pixels, its
+meta row and (in a bank with keypoints) its keypoints, compares them with ``digests.npy``,
+recomputes each shard hash and the bank content hash, and checks the manifest's counts, version and class frequencies. Problems name the file at fault
 and, for crops, the first bad global index and its shard.
 
 A bank at a URL is verified the same way, one shard at a time: its small files are read where they
@@ -31,7 +31,9 @@ from instbank.storage.base import (
     crop_digests,
     load_manifest,
     load_npy,
+    keypoint_spec_of,
     load_shard_digests,
+    load_shard_keypoints,
     load_shard_meta,
     make_version,
     read_json,
@@ -95,10 +97,12 @@ class _ShardFiles:
     start: int
     meta: np.ndarray | None = None
     digests: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
 
 
-def _check_shard_files(sdir: Path, entry: dict, start: int, report: VerifyReport) -> _ShardFiles:
-    """shard.json, meta.npy and digests.npy of one shard against the manifest entry."""
+def _check_shard_files(sdir: Path, entry: dict, start: int, report: VerifyReport, num_keypoints: int | None) -> _ShardFiles:
+    """shard.json, meta.npy, digests.npy and keypoints.npy (``num_keypoints``: the bank's ``J``,
+    ``None`` without keypoints) of one shard against the manifest entry."""
     files = _ShardFiles(sdir, entry, start)
     n = entry["num_crops"]
     try:
@@ -113,6 +117,11 @@ def _check_shard_files(sdir: Path, entry: dict, start: int, report: VerifyReport
         files.digests = digests
     except BankError as e:
         report.add(str(e), shard_dir=sdir)
+    if num_keypoints is not None:
+        try:
+            files.keypoints = load_shard_keypoints(sdir, n, num_keypoints)
+        except BankError as e:
+            report.add(str(e), shard_dir=sdir)
     return files
 
 
@@ -124,7 +133,7 @@ def _check_manifest(manifest: dict, shards: list[_ShardFiles], report: VerifyRep
     classes = classes_from_json(manifest["classes"])
     if all(s.digests is not None for s in shards):
         s = int(manifest["crop_size"][0])
-        report.content_hash = content_hash(s, classes, [sh.digests for sh in shards])
+        report.content_hash = content_hash(s, classes, [sh.digests for sh in shards], keypoint_spec_of(manifest))
         if report.content_hash != manifest["content_hash"]:
             report.add(
                 f"{path}: content_hash {manifest['content_hash'][:12]}... does not match the crop digests "
@@ -185,7 +194,9 @@ def _check_pixels(bank: ShardedBank, shard_no: int, files: _ShardFiles, report: 
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         rgba, chunk_errors = _read_chunk(bank, np.arange(start + lo, start + hi))
-        mismatch = (crop_digests(rgba, files.meta[lo:hi], bank.manifest["format_version"]) != files.digests[lo:hi]).any(axis=1)
+        points = None if files.keypoints is None else files.keypoints[lo:hi]
+        mismatch = (crop_digests(rgba, files.meta[lo:hi], bank.manifest["format_version"], points)
+                    != files.digests[lo:hi]).any(axis=1)
         bad.extend(lo + int(k) for k in np.flatnonzero(mismatch))
         errors.update((lo + k, message) for k, message in chunk_errors.items())
         report.crops_checked += hi - lo
@@ -216,8 +227,10 @@ def verify_bank(path: str | os.PathLike, progress: ProgressFn | None = None) -> 
     report.backend = manifest["backend"]
     report.num_crops = manifest["num_crops"]
     shards, start = [], 0
+    spec = keypoint_spec_of(manifest)
+    num_keypoints = None if spec is None else spec.num_keypoints
     for entry in manifest["shards"]:
-        shards.append(_check_shard_files(report.path / SHARDS_DIR / entry["dir"], entry, start, report))
+        shards.append(_check_shard_files(report.path / SHARDS_DIR / entry["dir"], entry, start, report, num_keypoints))
         start += entry["num_crops"]
     _check_manifest(manifest, shards, report)
     try:
@@ -242,7 +255,9 @@ def verify_shard(bank: ShardedBank, shard_no: int, report: VerifyReport, progres
     every crop against its digest, the backend's own payload check), problems added to
     ``report``; the bank-wide checks (content hash, class frequencies) are the caller's."""
     entry = bank.manifest["shards"][shard_no]
-    files = _check_shard_files(bank.path / SHARDS_DIR / entry["dir"], entry, int(bank._starts[shard_no]), report)
+    spec = bank.keypoint_spec
+    files = _check_shard_files(bank.path / SHARDS_DIR / entry["dir"], entry, int(bank._starts[shard_no]), report,
+                               None if spec is None else spec.num_keypoints)
     extras: list[VerifyProblem] = []
     _check_shard_payload(bank, shard_no, files, report, extras, progress)
     report.problems.extend(extras)
@@ -253,17 +268,17 @@ def _check_shard_payload(bank: ShardedBank, shard_no: int, files: _ShardFiles, r
     """Pixels against digests (problems to ``report``), then the backend's payload hook (problems
     to ``extras``); the shard is released afterwards (its local copy removed, at a URL)."""
     try:
-        if files.meta is not None and files.digests is not None:
+        if files.meta is not None and files.digests is not None and (files.keypoints is not None or bank.keypoint_spec is None):
             _check_pixels(bank, shard_no, files, report, progress)
-        if files.meta is not None:
+        if files.meta is not None and (files.keypoints is not None or bank.keypoint_spec is None):
             extras.extend(_payload_extras(bank, shard_no, files))
     finally:
         bank.release(shard_no)
 
 
 def _payload_extras(bank: ShardedBank, shard_no: int, files: _ShardFiles) -> list[VerifyProblem]:
-    """A backend's own ``verify_payload(shard_dir, shard, meta)`` hook, where it has one (the
-    webdataset tars carry class ids and meta of their own, outside the digests)."""
+    """A backend's own ``verify_payload(shard_dir, shard, meta, keypoints)`` hook, where it has one
+    (the webdataset tars carry class ids, meta and keypoints of their own, outside the digests)."""
     hook = getattr(get_backend(bank.manifest["backend"]), "verify_payload", None)
     if hook is None:
         return []
@@ -272,7 +287,7 @@ def _payload_extras(bank: ShardedBank, shard_no: int, files: _ShardFiles) -> lis
     except BankError as e:  # a shard at a URL that cannot be downloaded
         return [VerifyProblem(str(e), shard_dir=files.dir)]
     problems = []
-    for message, file, local in hook(local_dir, files.entry, files.meta):
+    for message, file, local in hook(local_dir, files.entry, files.meta, files.keypoints):
         message, file = _at_url(bank, message), _at_url(bank, file)
         if local is None:
             problems.append(VerifyProblem(message, file=file, shard_dir=files.dir))

@@ -12,7 +12,9 @@ Payload layout of one shard (beside the common ``meta.npy``/``digests.npy``/``sh
 | bank-%06d.tar            | ustar archives (512-byte header blocks), cut at ``maxcount`` samples |
 |                          | or ``maxsize`` bytes, mtime 0 (same crops -> same bytes)             |
 | KEY.cls                  | class id, ASCII decimal                                             |
-| KEY.json                 | the crop's meta row (``META_DTYPE`` fields) as a JSON object         |
+| KEY.json                 | the crop's meta row (``META_DTYPE`` fields) as a JSON object, and in |
+|                          | a bank with keypoints ``"keypoints"``: ``[[x, y, v], ...]`` (J rows, |
+|                          | the float32 values of ``keypoints.npy``, exact through JSON)         |
 | KEY.rgba.zst             | codec ``zstd`` (default): one zstd frame (content size, checksum) of |
 |                          | the crop, uint8 ``[4, S, S]`` C order; ``zstd -d`` gives raw RGBA    |
 | KEY.rgba                 | codec ``raw``: the crop's ``4*S*S`` bytes as they are                |
@@ -103,6 +105,15 @@ def meta_to_json(row: np.void) -> dict[str, Any]:
     }
 
 
+def sample_json(row: np.void, keypoints: np.ndarray | None) -> dict[str, Any]:
+    """The ``.json`` member of one crop: ``meta_to_json`` and, with keypoints float32 ``[J, 3]``,
+    ``"keypoints"`` (float32 -> Python float is exact, and back)."""
+    out = meta_to_json(row)
+    if keypoints is not None:
+        out["keypoints"] = keypoints.tolist()
+    return out
+
+
 def encode_png(crop: np.ndarray) -> bytes:
     """uint8 ``[4, S, S]`` RGBA -> RGBA PNG bytes."""
     import cv2
@@ -172,7 +183,7 @@ class Writer:
             return crop.tobytes()
         return encode_png(crop)
 
-    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int) -> None:
+    def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int, keypoints: np.ndarray | None = None) -> None:
         rgba = np.ascontiguousarray(rgba)
         prefix = self.shard_dir.name
         for k in range(len(rgba)):
@@ -180,7 +191,7 @@ class Writer:
                 {
                     "__key__": f"{prefix}-{first_index + k:09d}",
                     "cls": str(int(meta[k]["class_id"])),
-                    "json": json.dumps(meta_to_json(meta[k])),
+                    "json": json.dumps(sample_json(meta[k], None if keypoints is None else keypoints[k])),
                     self.member: self._encode(rgba[k]),
                 }
             )
@@ -326,9 +337,10 @@ def _member_crop(info: tarfile.TarInfo, num_crops: int) -> int:
     return local
 
 
-def _check_member(info: tarfile.TarInfo, local: int, tf: tarfile.TarFile, tar_no: int, payload, index, meta) -> bool:
-    """Check one member against the index and meta rows (``ValueError`` saying what disagrees);
-    True for the pixel member."""
+def _check_member(info: tarfile.TarInfo, local: int, tf: tarfile.TarFile, tar_no: int, payload, index, meta,
+                  keypoints) -> bool:
+    """Check one member against the index, meta rows and keypoints (``ValueError`` saying what
+    disagrees); True for the pixel member."""
     member = info.name.partition(".")[2]
     if member == payload["member"]:
         if (tar_no, info.offset_data, info.size) != tuple(index[local].tolist()):
@@ -338,20 +350,20 @@ def _check_member(info: tarfile.TarInfo, local: int, tf: tarfile.TarFile, tar_no
         if int(tf.extractfile(info).read()) != int(meta[local]["class_id"]):
             raise ValueError(f"member {info.name} disagrees with meta.npy")
     elif member == "json":
-        if json.loads(tf.extractfile(info).read()) != meta_to_json(meta[local]):
-            raise ValueError(f"member {info.name} disagrees with meta.npy")
+        if json.loads(tf.extractfile(info).read()) != sample_json(meta[local], None if keypoints is None else keypoints[local]):
+            raise ValueError(f"member {info.name} disagrees with meta.npy{'' if keypoints is None else ' or keypoints.npy'}")
     else:
         raise ValueError(f"unexpected member {info.name}")
     return False
 
 
-def _check_tar(path: Path, tar_no: int, tar: dict, payload: dict, index, meta) -> tuple[str, Path, int | None] | None:
+def _check_tar(path: Path, tar_no: int, tar: dict, payload: dict, index, meta, keypoints) -> tuple[str, Path, int | None] | None:
     current, last, seen = None, None, 0
     try:
         with tarfile.open(path, "r:") as tf:
             for info in tf:
                 current = _member_crop(info, len(meta))
-                seen += _check_member(info, current, tf, tar_no, payload, index, meta)
+                seen += _check_member(info, current, tf, tar_no, payload, index, meta, keypoints)
                 last, current = current, None
     except (OSError, ValueError, tarfile.TarError) as e:
         return (f"{path}: {e}", path, current)
@@ -362,9 +374,11 @@ def _check_tar(path: Path, tar_no: int, tar: dict, payload: dict, index, meta) -
     return None
 
 
-def verify_payload(shard_dir: Path, shard: dict, meta: np.ndarray) -> list[tuple[str, Path, int | None]]:
+def verify_payload(shard_dir: Path, shard: dict, meta: np.ndarray,
+                   keypoints: np.ndarray | None = None) -> list[tuple[str, Path, int | None]]:
     """Read every tar of a shard as a stream reader would: each sample's ``.cls`` and ``.json`` must
-    agree with ``meta.npy`` (the digests cover only the pixels and meta.npy), each pixel member
+    agree with ``meta.npy`` and ``keypoints`` (float32 ``[n, J, 3]`` of ``keypoints.npy`` in a bank
+    with keypoints; the digests cover only the pixels, meta.npy and keypoints.npy), each pixel member
     must sit where the index says, and every sample must be reachable. Returns ``(message, tar
     path, shard-local crop or None)`` for the first fault of each tar (for ``instbank verify``)."""
     payload = shard["payload"]
@@ -377,7 +391,7 @@ def verify_payload(shard_dir: Path, shard: dict, meta: np.ndarray) -> list[tuple
         return [(str(e), where, None)]
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         return [(f"{where}: malformed payload description ({e!r})", where, None)]
-    checks = (_check_tar(path, k, t, payload, index, meta) for k, (path, t) in enumerate(tars))
+    checks = (_check_tar(path, k, t, payload, index, meta, keypoints) for k, (path, t) in enumerate(tars))
     return [problem for problem in checks if problem is not None]
 
 
@@ -399,7 +413,8 @@ def decode_sample(sample: dict, crop_size: int, codec: str) -> BankCrop:
     meta = CropMeta(
         m["image_id"], m["ann_id"], tuple(m["src_box"]), m["scale"], tuple(m["offset"]), m["area"], m["truncated"]
     )
-    return BankCrop(rgba, m["class_id"], meta, None)
+    points = np.asarray(m["keypoints"], np.float32) if "keypoints" in m else None
+    return BankCrop(rgba, m["class_id"], meta, None, points)
 
 
 class Reader(ShardedBank):

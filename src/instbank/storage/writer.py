@@ -6,7 +6,8 @@
 - ``BankWriter``: a context manager that takes the lock, prepares the directory for its mode
   (``new``, ``overwrite``, ``resume``), opens ``ShardWriter``s and ``commit``s the manifest from the
   shards' results (``ShardResult``), without reading their ``shard.json`` back.
-- ``ShardWriter``: writes one shard (payload, ``meta.npy``, ``digests.npy``, ``shard.json`` last);
+- ``ShardWriter``: writes one shard (payload, ``meta.npy``, ``digests.npy``, ``keypoints.npy`` in
+  banks with keypoints, ``shard.json`` last);
   a context manager that commits on a clean exit and aborts on an exception. Engines open it in
   worker processes or Ray tasks by path: it needs no lock of its own (its directory is the bank
   writer's, and one shard has one writer by construction).
@@ -41,6 +42,8 @@ from instbank.errors import BankError, BuildError
 from instbank.storage.base import (
     DIGEST_BYTES,
     FORMAT_VERSION,
+    KEYPOINT_DTYPE,
+    KEYPOINTS_FILE,
     LOCK_FILE,
     MANIFEST,
     PLAN_FILE,
@@ -58,7 +61,7 @@ from instbank.storage.base import (
 from instbank.storage.registry import get_backend
 from instbank.storage import remote
 from instbank.storage.url import RemotePath, is_url, location, make_staging
-from instbank.types import META_DTYPE, ClassInfo
+from instbank.types import META_DTYPE, ClassInfo, KeypointSpec
 from instbank.version import __version__
 
 WriteMode = Literal["new", "overwrite", "resume"]
@@ -165,16 +168,23 @@ def writer_options(backend: str, options: Mapping[str, Any] | None) -> dict[str,
 
 
 class ShardWriter:
-    """Writes one shard: backend payload + ``meta.npy`` + ``digests.npy`` + ``shard.json`` (last).
+    """Writes one shard: backend payload + ``meta.npy`` + ``digests.npy`` (+ ``keypoints.npy``) +
+    ``shard.json`` (last).
 
     Use as a context manager: a clean exit commits (``result`` is then the ``ShardResult``), an
     exception aborts (the payload is closed unfinished; without ``shard.json`` the shard counts as
     unfinished and is redone on resume). Set ``skipped`` (reason -> count) and ``extra`` (more keys
     for ``shard.json``) before the block ends. Memory is one shard's meta and digests (~100 bytes
     per crop), never its pixels.
+
+    Keypoints: a shard's crops all come with keypoints float32 ``[n, J, 3]`` or none do;
+    ``num_keypoints`` (``J``) fixes that up front (a shard of a bank with keypoints then writes
+    ``keypoints.npy`` even when it has no crops), else the first ``append`` decides. ``shard.json``
+    records ``num_keypoints`` when the shard has keypoints.
     """
 
-    def __init__(self, shard_dir: str | os.PathLike, backend: str, crop_size: int, options: Mapping[str, Any] | None = None):
+    def __init__(self, shard_dir: str | os.PathLike, backend: str, crop_size: int, options: Mapping[str, Any] | None = None,
+                 num_keypoints: int | None = None):
         self.shard_dir = Path(shard_dir)
         options = writer_options(backend, options)
         if self.shard_dir.exists():
@@ -187,6 +197,8 @@ class ShardWriter:
         self.result: ShardResult | None = None
         self._meta: list[np.ndarray] = []
         self._digests: list[np.ndarray] = []
+        self._keypoints: list[np.ndarray] = []
+        self._num_keypoints = num_keypoints
         self._count = 0
 
     def __enter__(self) -> ShardWriter:
@@ -199,20 +211,38 @@ class ShardWriter:
         else:
             self.payload.abort()
 
-    def append(self, rgba: np.ndarray, meta: np.ndarray, digests: np.ndarray | None = None) -> None:
-        """Append crops uint8 ``[n, 4, S, S]`` with META_DTYPE ``[n]`` rows (digests computed if None)."""
+    def append(self, rgba: np.ndarray, meta: np.ndarray, digests: np.ndarray | None = None,
+               keypoints: np.ndarray | None = None) -> None:
+        """Append crops uint8 ``[n, 4, S, S]`` with META_DTYPE ``[n]`` rows (digests computed if
+        None) and, in a shard with keypoints, their keypoints float32 ``[n, J, 3]``."""
         if len(rgba) == 0:
             return
         s = self.crop_size
         if rgba.dtype != np.uint8 or rgba.shape[1:] != (4, s, s):
             raise ValueError(f"expected uint8 [n,4,{s},{s}] crops, got {rgba.dtype} {rgba.shape}")
         meta = np.ascontiguousarray(meta, META_DTYPE)
+        keypoints = self._checked_keypoints(keypoints, len(rgba))
         if digests is None:
-            digests = crop_digests(rgba, meta)
-        self.payload.append(rgba, meta, self._count)
+            digests = crop_digests(rgba, meta, keypoints=keypoints)
+        self.payload.append(rgba, meta, self._count, keypoints)
         self._meta.append(meta)
         self._digests.append(digests)
+        if keypoints is not None:
+            self._keypoints.append(keypoints)
         self._count += len(rgba)
+
+    def _checked_keypoints(self, keypoints: np.ndarray | None, n: int) -> np.ndarray | None:
+        """``keypoints`` as float32 ``[n, J, 3]``; ``ValueError`` when they do not match this shard."""
+        if self._count == 0 and self._num_keypoints is None and keypoints is not None:
+            self._num_keypoints = int(np.shape(keypoints)[1]) if np.ndim(keypoints) == 3 else -1
+        j = self._num_keypoints
+        if (keypoints is None) != (j is None):
+            raise ValueError(f"{self.shard_dir}: the crops of a shard all have keypoints or none do")
+        if keypoints is None:
+            return None
+        if np.shape(keypoints) != (n, j, 3) or not np.issubdtype(np.asarray(keypoints).dtype, np.floating):
+            raise ValueError(f"expected float32 keypoints [{n}, {j}, 3], got {np.asarray(keypoints).dtype} {np.shape(keypoints)}")
+        return np.ascontiguousarray(keypoints, KEYPOINT_DTYPE)
 
     def _commit(self) -> ShardResult:
         payload = self.payload.close()
@@ -220,6 +250,10 @@ class ShardWriter:
         digests = np.concatenate(self._digests) if self._digests else np.empty((0, DIGEST_BYTES), np.uint8)
         save_npy_atomic(self.shard_dir / "meta.npy", meta)
         save_npy_atomic(self.shard_dir / "digests.npy", digests)
+        j = self._num_keypoints
+        if j is not None:
+            empty = np.empty((0, j, 3), KEYPOINT_DTYPE)
+            save_npy_atomic(self.shard_dir / KEYPOINTS_FILE, np.concatenate(self._keypoints) if self._keypoints else empty)
         info = {
             "num_crops": int(len(meta)),
             "hash": shard_hash(digests),
@@ -227,6 +261,7 @@ class ShardWriter:
             "skipped": dict(self.skipped),
             "payload": payload,
             "backend_options": dict(self.payload.backend_options),
+            **({} if j is None else {"num_keypoints": j}),
             **self.extra,
         }
         write_json_atomic(self.shard_dir / SHARD_MANIFEST, info)
@@ -384,9 +419,9 @@ class BankWriter:
         """Where shard ``name`` is written (in the staging directory for a bank at a URL)."""
         return (self.path if self.staging is None else self.staging) / SHARDS_DIR / name
 
-    def shard(self, name: str) -> ShardWriter:
+    def shard(self, name: str, num_keypoints: int | None = None) -> ShardWriter:
         """A ``ShardWriter`` for shard ``name`` of this bank (in this process)."""
-        return ShardWriter(self.shard_dir(name), self.backend, self.crop_size, self.options)
+        return ShardWriter(self.shard_dir(name), self.backend, self.crop_size, self.options, num_keypoints)
 
     def finished(self, name: str) -> ShardResult | None:
         """Shard ``name`` as an earlier run left it, when finished and intact (for resume)."""
@@ -421,22 +456,29 @@ class BankWriter:
         shards: Sequence[ShardResult],
         build: Mapping[str, Any],
         skipped: Mapping[str, int],
+        keypoints: KeypointSpec | None = None,
     ) -> dict:
         """Write ``manifest.json`` (last, durable) from the shards' results, in index order; returns
-        the manifest. Nothing is copied: the shards stay where they were written."""
+        the manifest. Nothing is copied: the shards stay where they were written. ``keypoints``: the
+        bank's keypoint layout, which every shard with crops must have (``None``: none may)."""
         if self._lock is None:
             raise RuntimeError("BankWriter.commit outside its `with` block (the directory is not locked)")
         freqs = np.zeros(len(classes), np.int64)
         options: dict[str, Any] = {}
+        j = None if keypoints is None else keypoints.num_keypoints
         for shard in shards:
             if shard_hash(shard.digests) != shard.info["hash"] or len(shard.digests) != shard.num_crops:
                 raise BankError(f"{self.path / SHARDS_DIR / shard.dir}: digests do not match the shard's hash")
+            has = shard.info.get("num_keypoints")
+            if shard.num_crops and has != j:
+                raise BankError(f"{self.path / SHARDS_DIR / shard.dir}: crops with {has or 'no'} keypoints, but the bank's "
+                                f"layout has {j or 'none'} (a shard of another build?)")
             for cid, n in shard.info["class_ids"]:
                 if not 0 <= cid < len(classes):
                     raise BankError(f"{self.path / SHARDS_DIR / shard.dir}: class id {cid} outside the class table ({len(classes)} classes)")
                 freqs[cid] += n
             options = shard.info.get("backend_options", options)
-        chash = content_hash(self.crop_size, classes, [shard.digests for shard in shards])
+        chash = content_hash(self.crop_size, classes, [shard.digests for shard in shards], keypoints)
         manifest = {
             "format_version": FORMAT_VERSION,
             "backend": self.backend,
@@ -454,6 +496,7 @@ class BankWriter:
             "build": dict(build),
             "skipped": dict(sorted(skipped.items())),
             "has_embeddings": False,
+            **({} if keypoints is None else {"keypoints": keypoints.to_json()}),
             "instbank_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -474,16 +517,19 @@ def write_bank(
     options: Mapping[str, Any] | None = None,
     build: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    keypoints: KeypointSpec | None = None,
 ) -> dict:
     """Write a bank of crops made elsewhere (tests, benchmarks, a pipeline of your own); returns the
-    manifest. ``shards`` gives, per shard, batches ``(rgba, meta)`` or ``(rgba, meta, digests)``
-    (uint8 ``[n, 4, S, S]``, META_DTYPE ``[n]``, uint8 ``[n, 32]``; ``ShardWriter.append``'s
-    arguments); the batches are streamed, never held together."""
+    manifest. ``shards`` gives, per shard, batches ``(rgba, meta)``, ``(rgba, meta, digests)`` or
+    ``(rgba, meta, digests or None, keypoints)`` (uint8 ``[n, 4, S, S]``, META_DTYPE ``[n]``, uint8
+    ``[n, 32]``, float32 ``[n, J, 3]``; ``ShardWriter.append``'s arguments; keypoints with the
+    layout ``keypoints``); the batches are streamed, never held together."""
+    j = None if keypoints is None else keypoints.num_keypoints
     with BankWriter(path, backend, crop_size, options, mode="overwrite" if overwrite else "new") as bank:
         results = []
         for batches in shards:
-            with bank.shard(shard_dir_name(len(results))) as shard:
+            with bank.shard(shard_dir_name(len(results)), j) as shard:
                 for batch in batches:
                     shard.append(*batch)
             results.append(shard.result)
-        return bank.commit(classes, results, dict(build or {}), {})
+        return bank.commit(classes, results, dict(build or {}), {}, keypoints)
