@@ -315,17 +315,22 @@ def cpu_table(args, bank, source: str, targets: Targets) -> None:
                   f"{their_wall:7.2f} {ratio:5.1f}x")
 
 
-def cpu_section(args, bank, source: str) -> None:
+def target_sets(args):
+    """The target batches of each ``--data`` kind, with torch and OpenCV at ``--threads``."""
     import cv2
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     for data in args.data:
         if data == "synthetic":
-            targets = synthetic_targets(args.images, args.existing, args.size)
+            yield synthetic_targets(args.images, args.existing, args.size)
         else:
             ann = args.coco or (SHARED_COCO if SHARED_COCO.exists() else SAMPLE_COCO)
-            targets = coco_targets(ann, args.images, args.size)
+            yield coco_targets(ann, args.images, args.size)
+
+
+def cpu_section(args, bank, source: str) -> None:
+    for targets in target_sets(args):
         cpu_table(args, bank, source, targets)
 
 
@@ -419,16 +424,7 @@ def targets_table(args, bank, source: str, targets: Targets) -> None:
 
 
 def targets_section(args, bank, source: str) -> None:
-    import cv2
-
-    torch.set_num_threads(args.threads)
-    cv2.setNumThreads(args.threads)
-    for data in args.data:
-        if data == "synthetic":
-            targets = synthetic_targets(args.images, args.existing, args.size)
-        else:
-            ann = args.coco or (SHARED_COCO if SHARED_COCO.exists() else SAMPLE_COCO)
-            targets = coco_targets(ann, args.images, args.size)
+    for targets in target_sets(args):
         targets_table(args, bank, source, targets)
 
 

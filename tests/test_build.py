@@ -16,7 +16,7 @@ from conftest import SAMPLE_COCO, SAMPLE_YOLO, shared_path
 from instbank.build import BuildConfig, build_bank
 from instbank.storage.writer import DirectoryLock
 from instbank.crops import CropFilters
-from instbank.errors import BankError, BuildError
+from instbank.errors import BuildError
 from instbank.formats.coco import read_coco
 from instbank.formats.yolo import read_yolo
 from instbank.storage import open_bank

@@ -40,7 +40,7 @@ def test_help_does_not_import_torch():
 def test_build_and_stats_json(tmp_path):
     out = tmp_path / "bank"
     proc = run_cli("build", "--coco", str(SAMPLE_COCO), "--out", str(out), "--size", "32", "--workers", "1")
-    assert "kept 54 crops from 8 images" in proc.stderr and "skipped 1 instance(s) or file(s) (crowd 1)" in proc.stderr
+    assert "kept 54 crops from 8 images" in proc.stderr and "skipped 1 annotation(s) (crowd 1)" in proc.stderr
     assert "  crowd: " in proc.stderr and "(image " in proc.stderr and "annotation " in proc.stderr  # an example
     stats = json.loads(run_cli("stats", str(out), "--json").stdout)
     for key in ("num_crops", "crop_size", "num_classes", "class_names", "class_frequencies", "version", "backend", "skipped"):

@@ -185,7 +185,7 @@ def test_image_paths_must_stay_inside_the_images_folder(tmp_path, how):
     out = tmp_path / "b"
     proc = run_cli("build", "--coco", str(ann), "--images", str(images), "--out", str(out), "--size", "16", "--workers", "1")
     assert "skipped 1 image(s) (outside_root 1)" in proc.stderr, proc.stderr
-    assert f"outside_root: " in proc.stderr and f"resolves to {secret}" in proc.stderr
+    assert "outside_root: " in proc.stderr and f"resolves to {secret}" in proc.stderr
     meta = json.loads(run_cli("stats", str(out), "--json").stdout)
     assert meta["num_images"] == 7  # the hostile image's crops are not in the bank
     proc = run_cli("build", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "c"), "--size", "16",

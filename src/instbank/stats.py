@@ -89,7 +89,7 @@ def skip_lines(skipped: dict[str, int], skipped_images: dict[str, int], lost: di
         lines.append(f"skipped {sum(skipped_images.values())} image(s) ({listed(skipped_images)}), "
                      f"with {sum(lost.values())} instance(s) on them")
     if instances:
-        lines.append(f"skipped {sum(instances.values())} instance(s) or file(s) ({listed(instances)})")
+        lines.append(f"skipped {sum(instances.values())} annotation(s) ({listed(instances)})")
     return lines
 
 

@@ -384,14 +384,22 @@ def read_label_file(image_id: int, image_path: str, layout: Layout, box_masks: b
     return records
 
 
-def parse_line(tokens: list[str], num_classes: int | None, box_masks: bool) -> tuple[int, np.ndarray] | str:
-    """``(class index, polygon float64 [n, 2])`` for ``cls x1 y1 ... xn yn``, else a skip reason."""
+def label_numbers(tokens: list[str]) -> np.ndarray | str:
+    """float64 values of a label line whose first is an integer class, else ``bad_label_line``."""
     try:
         values = np.array(tokens, dtype=np.float64)
     except ValueError:
         return "bad_label_line"
     if not np.isfinite(values).all() or not values[0].is_integer():
         return "bad_label_line"
+    return values
+
+
+def parse_line(tokens: list[str], num_classes: int | None, box_masks: bool) -> tuple[int, np.ndarray] | str:
+    """``(class index, polygon float64 [n, 2])`` for ``cls x1 y1 ... xn yn``, else a skip reason."""
+    values = label_numbers(tokens)
+    if isinstance(values, str):
+        return values
     coords = values[1:]
     if coords.size == 4:
         if not box_masks:
@@ -415,12 +423,9 @@ def parse_pose_line(
     """``(class index, box polygon float64 [4, 2], keypoints float64 [J, 3])`` for a pose line
     ``cls cx cy w h x1 y1 [v1] ...``, else a skip reason (order: bad_label_line for numbers,
     box_only, bad_keypoints, bad_label_line for the box, class_out_of_range)."""
-    try:
-        values = np.array(tokens, dtype=np.float64)
-    except ValueError:
-        return "bad_label_line"
-    if not np.isfinite(values).all() or not values[0].is_integer():
-        return "bad_label_line"
+    values = label_numbers(tokens)
+    if isinstance(values, str):
+        return values
     if not box_masks:
         return "box_only"
     points = values[5:]

@@ -455,26 +455,9 @@ class InstanceBank(Protocol):
     def get_many(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
 
     @property
-    def keypoint_table(self) -> np.ndarray | None:
-        """float32 ``[N, J, 3]``, every crop's keypoints (``BankBatch.keypoints``' convention),
-        loaded once per process like ``meta_table`` (12 bytes per keypoint: 204 per crop for COCO's
-        17); ``None`` for a bank without keypoints."""
-        if self.keypoint_spec is None:
-            return None
-        if self._keypoints is None:
-            j = self.keypoint_spec.num_keypoints
-            dirs = [self.path / SHARDS_DIR / s["dir"] for s in self._shards]
-            blobs = read_all([d / KEYPOINTS_FILE for d in dirs])  # at a URL: fetched together
-            parts = [load_shard_keypoints(d, s["num_crops"], j, blob) for d, s, blob in zip(dirs, self._shards, blobs)]
-            self._keypoints = np.concatenate(parts) if parts else np.empty((0, j, 3), KEYPOINT_DTYPE)
-        return self._keypoints
+    def keypoint_table(self) -> np.ndarray | None: ...
 
-    def get_keypoints(self, indices) -> np.ndarray | None:
-        """float32 ``[n, J, 3]`` keypoints of the crops at ``indices`` (any int array shape,
-        flattened), in crop pixels; ``None`` for a bank without keypoints."""
-        idx = self._normalize(indices)
-        table = self.keypoint_table
-        return None if table is None else table[idx]
+    def get_keypoints(self, indices) -> np.ndarray | None: ...
 
     @property
     def crop_class_ids(self) -> np.ndarray: ...
