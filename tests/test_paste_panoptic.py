@@ -18,6 +18,7 @@ from paste_cases import disk_crops, triton_device, triton_targets
 
 from instbank.paste import BankCopyPaste, CopyPasteConfig
 from instbank.paste import panoptic as spec
+from instbank.paste.annotations import paint_semantic
 from instbank.paste.panoptic import PanopticSchema
 from instbank.paste.reference import visible_masks
 
@@ -129,7 +130,7 @@ def test_triton_paint_matches_reference(coco_maps):
     assert torch.equal(ref[0], ours[0].cpu())
     assert all(torch.equal(a, c.cpu()) for a, c in zip(ref[1][:5], ours[1][:5]))
     semantic = torch.randint(0, 80, maps.shape, generator=g, dtype=torch.int16)  # the kernel paints semantic maps too
-    assert torch.equal(spec.paint_map(semantic, masks, labels), kernels.paint_map(semantic.to(dev), masks.to(dev), labels.to(dev)).cpu())
+    assert torch.equal(paint_semantic(semantic, masks, labels), kernels.paint_map(semantic.to(dev), masks.to(dev), labels.to(dev)).cpu())
 
 
 @pytest.mark.parametrize("impl", ["torch", "numba"])

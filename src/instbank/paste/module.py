@@ -463,7 +463,7 @@ def _paste_panoptic(panoptic, pasted: Instances, schema, impl: str):
         from instbank.paste import cpu_targets
 
         return cpu_targets.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, pasted.boxes)
-    paint = spec.paint_map
+    paint = paint_semantic
     if impl == "triton":
         from instbank.paste import triton_targets
 

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 
+from instbank.paste.annotations import paint_semantic
 from instbank.paste.plan import any_along
 
 MAP_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -132,14 +133,15 @@ def paste_panoptic(
         paste_masks: bool ``[B, K, H, W]`` visible masks of the pastes.
         labels: int64 ``[B, K]`` class ids of the pastes.
         schema: the ids' ``PanopticSchema``.
-        paint: the function painting the map (``paint_map``'s signature; default ``paint_map``):
+        paint: the function painting the map (``annotations.paint_semantic``'s signature, the
+            default: a map of class ids and a map of segment ids are painted alike):
             ``instbank.paste.triton_targets.paint_map`` on CUDA.
 
     Returns:
         ``(map like panoptic, Segments)``.
     """
     existing, before, paste_ids, thing = existing_segments(panoptic, labels, schema)
-    painted = (paint or paint_map)(panoptic, paste_masks, paste_ids)
+    painted = (paint or paint_semantic)(panoptic, paste_masks, paste_ids)
     lost = _lost_pixels(panoptic, paste_masks, existing, schema)
     area = (paste_masks.flatten(2) != 0).sum(dim=-1)
     return painted, segment_table(existing, before - lost, paste_ids, labels, thing, area, schema)
@@ -213,17 +215,6 @@ def _new_ids(ids, present, labels, schema: PanopticSchema):
         b, k = (int(v) for v in over.nonzero()[0])
         raise ValueError(overflow_message(b, k, int(instance[b, k]), int(labels[b, k]), schema))
     return schema.segment_id(labels, instance), thing
-
-
-def paint_map(panoptic: torch.Tensor, paste_masks: torch.Tensor, paste_ids: torch.Tensor) -> torch.Tensor:
-    """``panoptic`` ``[B, H, W]`` with paste ``k``'s id where its visible mask ``[B, K, H, W]`` is set
-    (a new tensor; visible masks are disjoint). Also paints semantic maps (ids = class ids)."""
-    if paste_masks.shape[1] == 0:
-        return panoptic.clone()
-    painted = any_along(paste_masks, 1)
-    which = paste_masks.to(torch.uint8).argmax(dim=1)  # the one paste visible there
-    ids = torch.gather(paste_ids.to(panoptic.device), 1, which.flatten(1)).view_as(panoptic)
-    return torch.where(painted, ids.to(panoptic.dtype), panoptic)
 
 
 def _lost_pixels(panoptic, paste_masks, existing, schema: PanopticSchema) -> torch.Tensor:

@@ -129,7 +129,7 @@ def _paint_kernel(map_ptr, out_ptr, mask_ptr, ids_ptr, K, HW, W, s_mb, s_mk, s_m
 
 
 def paint_map(panoptic: torch.Tensor, paste_masks: torch.Tensor, paste_ids: torch.Tensor) -> torch.Tensor:
-    """As ``instbank.paste.panoptic.paint_map``: one launch, each mask plane read once."""
+    """As ``instbank.paste.annotations.paint_semantic``: one launch, each mask plane read once."""
     b, k, h, w = paste_masks.shape
     source = panoptic.contiguous()
     out = torch.empty_like(source)
