@@ -34,6 +34,17 @@ def sample_coco_bank(tmp_path_factory):
     return open_bank(out)
 
 
+def modules_loaded_by(code: str, modules) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running ``code`` (sorted)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport json, sys; print(json.dumps(sorted(m for m in {tuple(modules)!r} if m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
 def assert_rich_png(path, size=None, min_std=20.0, min_colours=1000) -> np.ndarray:
     """The file is a PNG (of ``size`` when given) with real content, not a blank or flat canvas
     (plots have few colours but strong contrast: pass a lower ``min_colours``)."""

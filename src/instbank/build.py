@@ -58,11 +58,6 @@ class BuildReport:
     lost_instances: Counter
 
     @property
-    def skipped_instances(self) -> Counter:
-        """Instances dropped on their own (their image kept), by reason."""
-        return Counter({k: v for k, v in self.skipped.items() if k not in self.skipped_images})
-
-    @property
     def crops_per_s(self) -> float:
         return self.num_crops / self.seconds if self.seconds > 0 else 0.0
 
@@ -258,12 +253,11 @@ def _finish(dataset: Dataset, bank: BankWriter, config: BuildConfig, results: li
                      "the file was followed (see skip_examples['size_mismatch'])")
     if strict:  # the shards stop at their first fault; this catches what a resumed shard recorded
         _refuse_faults(log.counts, dataset.source)
+    num_images = len(dataset.images) + sum(dataset.skipped[k] for k in dataset.lost_instances)  # as read
     build_info = {**config.to_json(), "source": dataset.source, "kind": dataset.kind, "workers": workers,
-                  "num_images": len(dataset.images) + sum(dataset.skipped[k] for k in dataset.lost_instances),
-                  "skip_examples": log.examples,
+                  "num_images": num_images, "skip_examples": log.examples,
                   "skipped_images": dict(sorted(skipped_images.items())), "lost_instances": dict(sorted(lost.items())),
                   "notes": dataset.notes + notes}
     manifest = bank.commit(dataset.classes, results, build_info, log.counts, dataset.keypoint_spec)
-    num_images = len(dataset.images) + sum(dataset.skipped[k] for k in dataset.lost_instances)  # as read
     return BuildReport(bank.path, manifest["version"], num_images, manifest["num_crops"], len(results), reused,
                        log.counts, log.examples, time.perf_counter() - t0, notes, skipped_images, lost)

@@ -105,7 +105,6 @@ class DirectoryLock:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
 
-
     @staticmethod
     def probe(directory: str | os.PathLike) -> None:
         """``BuildError`` (as ``__enter__``'s) when another process holds the lock now; takes
@@ -341,7 +340,7 @@ class BankWriter:
 
     ``mode``: ``"new"`` refuses a finished bank and clears an unfinished one; ``"overwrite"``
     clears a finished one too (its manifest first, so that it stops being a bank before any shard
-    goes); ``"resume"`` keeps what is there (``finished`` tells which shards can be reused).
+    goes); ``"resume"`` keeps what is there (``finished_shards`` tells which can be reused).
 
     ``path`` may be a URL: ``path`` is then a ``RemotePath``, shards are written under
     ``staging`` (a local directory, removed on exit) and uploaded as each is finished.
@@ -423,12 +422,9 @@ class BankWriter:
         """A ``ShardWriter`` for shard ``name`` of this bank (in this process)."""
         return ShardWriter(self.shard_dir(name), self.backend, self.crop_size, self.options, num_keypoints)
 
-    def finished(self, name: str) -> ShardResult | None:
-        """Shard ``name`` as an earlier run left it, when finished and intact (for resume)."""
-        return self.finished_shards([name])[0]
-
     def finished_shards(self, names: Sequence[str]) -> list[ShardResult | None]:
-        """``finished`` of each of ``names`` (at a URL: one listing, concurrent reads)."""
+        """Each of the shards ``names`` as an earlier run left it, when finished and intact, else
+        None (for resume; at a URL: one listing, concurrent reads)."""
         if isinstance(self.path, RemotePath):
             return [None if pair is None else _result_of_bytes(name, *pair)
                     for name, pair in zip(names, remote.finished_shards(self.path, names))]
