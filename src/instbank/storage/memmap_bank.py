@@ -14,7 +14,6 @@ Payload layout of one shard (beside the common ``meta.npy``/``digests.npy``/``sh
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ import numpy as np
 from instbank.errors import BankError
 from instbank.storage.base import MANIFEST, ShardedBank, merge_options, safe_member
 from instbank.storage.registry import CODECS as BACKEND_CODECS
+from instbank.storage.writebehind import WriteBehindFile
 
 PIXELS = "pixels.u8"
 CODECS = BACKEND_CODECS["memmap"]
@@ -37,7 +37,8 @@ def writer_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Writer:
-    """Appends crops to ``pixels.u8`` as they come: memory stays at one batch of crops."""
+    """Appends crops to ``pixels.u8`` as they come: memory stays at one batch of crops, and the
+    page cache at two 8 MiB chunks (``WriteBehindFile``)."""
 
     backend_options: Mapping[str, Any] = {"codec": "raw"}
 
@@ -45,22 +46,20 @@ class Writer:
         writer_options(options)
         self.path = Path(shard_dir) / PIXELS
         self.crop_size = crop_size
-        self._f = open(self.path, "wb")
+        self._f = WriteBehindFile(self.path)
         self._n = 0
 
     def append(self, rgba: np.ndarray, meta: np.ndarray, first_index: int, keypoints: np.ndarray | None = None) -> None:
-        self._f.write(np.ascontiguousarray(rgba).data)
+        self._f.write(np.ascontiguousarray(rgba))
         self._n += len(rgba)
 
     def close(self) -> dict:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._f.close()  # fsyncs
         s = self.crop_size
         return {"file": PIXELS, "shape": [self._n, 4, s, s]}
 
     def abort(self) -> None:
-        self._f.close()
+        self._f.abort()
 
 
 class Reader(ShardedBank):
