@@ -58,10 +58,14 @@ level difference, masks equal) is printed beside the times.
 (numba) on the same batches (``--cpu-batches``, form ``u8+box+valid``) with nothing more, with
 keypoints (17 per instance: synthetic, at random pixels of each existing instance's mask, and on
 random alpha pixels of each bank crop, COCO's person flip), with a panoptic map (each existing
-instance a thing segment, the rest one stuff segment, ``PanopticSchema`` with divisor 1000), with
-both, and with in-batch objects (``in_batch=1``: the objects of the other images of the batch,
-``in_batch=0.5``: mixed with the bank's). The rows take turns within each round as in (a); the
-overhead is the median over the rounds of (row / masks only - 1).
+instance a thing segment, the rest one stuff segment, ``PanopticSchema`` with divisor 1000)
+counted (``panoptic``), with its segments table given (``pan+table``: ``segments=(ids, area)``,
+made once outside the timed runs, as a data set's ``segments_info``), and with the table given
+and painted in place (``pan+inplace``: ``panoptic_out=panoptic``, a fresh copy of the map per
+call made beforehand), with keypoints and the map in place (``both``), and with in-batch objects
+(``in_batch=1``: the objects of the other images of the batch, ``in_batch=0.5``: mixed with the
+bank's). The rows take turns within each round as in (a); the overhead is the median over the
+rounds of (row / masks only - 1).
 
 (d) In-batch objects against torchvision's reference ``SimpleCopyPaste`` (``--targets``; on CUDA
 when present, else CPU): torchvision's version lives in its repository
@@ -352,12 +356,13 @@ def synthetic_points(masks: np.ndarray, j: int, rng: np.random.Generator) -> np.
 
 def with_keypoints(batch: BankBatch, j: int, rng: np.random.Generator) -> BankBatch:
     """``batch`` with ``j`` synthetic keypoints per crop on its alpha, and COCO person's flip."""
-    from instbank.paste.keypoints import COCO_PERSON_KEYPOINTS, flip_permutation
+    from instbank.paste.keypoints import COCO_PERSON_KEYPOINTS
+    from instbank.types import flip_from_names
 
     b, k = batch.class_ids.shape
     alpha = batch.pixels[:, :, 3].numpy().reshape(b * k, *batch.pixels.shape[-2:]) >= 128
     points = torch.from_numpy(synthetic_points(alpha, j, rng).reshape(b, k, j, 3))
-    flip = flip_permutation(COCO_PERSON_KEYPOINTS) if j == len(COCO_PERSON_KEYPOINTS) else list(range(j))
+    flip = flip_from_names(COCO_PERSON_KEYPOINTS) if j == len(COCO_PERSON_KEYPOINTS) else list(range(j))
     fields = {name: getattr(batch, name) for name in ("pixels", "class_ids", "indices", "src_box", "scale", "offset")}
     return BankBatch(**fields, num_classes=batch.num_classes, keypoints=points, keypoint_flip=torch.tensor(flip))
 
@@ -373,21 +378,58 @@ def panoptic_maps(masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return maps
 
 
-def targets_cpu(batches, staged, blend, extra: str, schema):
-    """A function running ``BankCopyPaste`` (numba) on every batch with ``extra`` targets:
-    ``masks``, ``keypoints``, ``panoptic``, ``both``, ``in-batch`` or ``mixed``."""
-    in_batch = {"in-batch": 1.0, "mixed": 0.5}.get(extra, 0.0)
+def segments_of(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps' segments table ``(ids, area)`` int64 ``[B, M]`` (-1 padding), as a data set's
+    ``segments_info`` gives it (made here once, outside the timed runs)."""
+    found = [torch.unique(m, return_counts=True) for m in maps]
+    m = max(len(ids) for ids, _ in found)
+    ids, area = torch.full((len(found), m), -1, dtype=torch.int64), torch.zeros((len(found), m), dtype=torch.int64)
+    for b, (i, a) in enumerate(found):
+        ids[b, : len(i)], area[b, : len(a)] = i, a
+    return ids, area
+
+
+#: Rows of (c): (keypoints, panoptic map: None, "counted", "table" or "in place", in_batch).
+TARGET_ROWS = {
+    "masks": (False, None, 0.0),
+    "keypoints": (True, None, 0.0),
+    "panoptic": (False, "counted", 0.0),
+    "pan+table": (False, "table", 0.0),
+    "pan+inplace": (False, "in place", 0.0),
+    "both": (True, "in place", 0.0),
+    "in-batch": (False, None, 1.0),
+    "mixed": (False, None, 0.5),
+}
+
+
+def targets_cpu(batches, staged, blend, extra: str, schema, calls: int):
+    """A function running ``BankCopyPaste`` (numba) on every batch with the targets of row
+    ``extra`` (``TARGET_ROWS``). A panoptic map is ``counted`` (no table given, a new map
+    returned), given with its ``table`` (a new map returned), or given with its table and painted
+    ``in place``: each of the ``calls`` calls paints a fresh copy of each batch's map, made
+    beforehand (as a training loop gets a new batch at each step, not yet in the cache)."""
+    points, maps, in_batch = TARGET_ROWS[extra]
     module = BankCopyPaste(CopyPasteConfig(scale_range=SCALE_RANGE, max_upscale=None, blend=blend,
                                            sigma_range=SIGMA_RANGE, impl="numba", panoptic=schema, in_batch=in_batch))
     generator = torch.Generator().manual_seed(0)
-    points = extra in ("keypoints", "both")
-    maps = extra in ("panoptic", "both")
+    fresh = [[batch[6].clone() for batch in batches] for _ in range(calls)] if maps == "in place" else None
+    used = []  # freeing the caller's maps is the caller's cost (its data pipeline's), not the paste's
 
     def run():
-        for (images, masks, boxes, labels, valid, keypoints, panoptic), (plain, with_points) in zip(batches, staged):
+        own = fresh.pop() if fresh else None
+        used.append(own)
+        for i, ((images, masks, boxes, labels, valid, keypoints, panoptic, table), (plain, with_points)) in enumerate(
+                zip(batches, staged)):
             module.set_bank_batch(with_points if points else plain)
+            extra_args = {}
+            if maps == "counted":
+                extra_args = {"panoptic": panoptic}
+            elif maps == "table":
+                extra_args = {"panoptic": panoptic, "segments": table}
+            elif maps == "in place":
+                extra_args = {"panoptic": own[i], "segments": table, "panoptic_out": own[i]}
             module(images, masks, boxes, labels, valid, generator=generator, keypoints=keypoints if points else None,
-                   panoptic=panoptic if maps else None)
+                   **extra_args)
 
     return run
 
@@ -401,8 +443,8 @@ def targets_table(args, bank, source: str, targets: Targets) -> None:
     schema = PanopticSchema(thing_classes=(1,))
     print(f"(c) targets beyond masks, CPU (numba): {targets.what}; K={k}; {source}")
     print(f"    ms per image, median of {args.repeats} rounds; overhead = median of (row / masks only - 1)")
-    print(f"    {'blend':9s} {'B':>2s} {'targets':10s} {'cpu':>7s} {'(wall)':>7s} {'overhead':>9s}")
-    extras = ("masks", "keypoints", "panoptic", "both", "in-batch", "mixed")
+    print(f"    {'blend':9s} {'B':>2s} {'targets':11s} {'cpu':>7s} {'(wall)':>7s} {'overhead':>9s}")
+    extras = tuple(TARGET_ROWS)
     for blend in ("hard", "gaussian"):
         runs = {}
         for batch in args.cpu_batches:
@@ -411,16 +453,17 @@ def targets_table(args, bank, source: str, targets: Targets) -> None:
             batches = []
             for images, masks, boxes, labels, valid in padded_batches(targets, batch):
                 points = torch.from_numpy(np.stack([synthetic_points(m, 17, rng) for m in masks.numpy()]))
-                batches.append((images, masks, boxes, labels, valid, points, panoptic_maps(masks, valid)))
+                maps = panoptic_maps(masks, valid)
+                batches.append((images, masks, boxes, labels, valid, points, maps, segments_of(maps)))
             for extra in extras:
-                runs[extra, batch] = targets_cpu(batches, staged, blend, extra, schema)
+                runs[extra, batch] = targets_cpu(batches, staged, blend, extra, schema, args.repeats + 1)
         times = interleaved_ms(runs, args.repeats)
         for (extra, batch), ours in times.items():
             cpu, wall = (statistics.median(t[c] for t in ours) / n for c in (1, 0))
             base = times["masks", batch]
             over = statistics.median(o[1] / m[1] - 1 for o, m in zip(ours, base))
             shown = "" if extra == "masks" else f"{100 * over:+8.1f}%"
-            print(f"    {blend:9s} {batch:2d} {extra:10s} {cpu:7.2f} {wall:7.2f} {shown:>9s}")
+            print(f"    {blend:9s} {batch:2d} {extra:11s} {cpu:7.2f} {wall:7.2f} {shown:>9s}")
 
 
 def targets_section(args, bank, source: str) -> None:
@@ -534,7 +577,9 @@ def gpu_targets(args, images, visible, plan, timer) -> None:
     """(b, targets): the Triton kernels of the targets beyond masks against their torch references
     on the same device and inputs (the last size of (b)): painting a panoptic map, keypoints, the
     in-batch resample; agreement beside the times."""
-    from instbank.paste import inbatch, keypoints, panoptic, triton_targets
+    from instbank.paste import inbatch, keypoints, triton_targets
+    from instbank.paste.annotations import paint_semantic
+    from instbank.types import flip_from_names
 
     b, k, h, w = visible.shape
     dev = images.device
@@ -546,14 +591,14 @@ def gpu_targets(args, images, visible, plan, timer) -> None:
     span = torch.tensor([plan.crop_size, plan.crop_size, 2.99], device=dev)
     crop_kp = torch.rand((b, k, 17, 3), generator=g, device=dev) * span
     crop_kp[..., 2] = crop_kp[..., 2].floor()
-    flip = torch.tensor(keypoints.flip_permutation(keypoints.COCO_PERSON_KEYPOINTS), device=dev)
+    flip = torch.tensor(flip_from_names(keypoints.COCO_PERSON_KEYPOINTS), device=dev)
     masks = visible[:, :4]  # four "instances" per image for the in-batch resample
     valid = masks.flatten(2).any(-1)
     draw = inbatch.draw_sources(valid, k, g)
     geometry = inbatch.object_geometry(tight_boxes_of(masks), draw, plan.crop_size)
     cases = {
         "paint panoptic map": (
-            lambda: panoptic.paint_map(maps, visible, ids), lambda: triton_targets.paint_map(maps, visible, ids)),
+            lambda: paint_semantic(maps, visible, ids), lambda: triton_targets.paint_map(maps, visible, ids)),
         "keypoints (17 x (4+K))": (
             lambda: keypoints.keypoints_after_paste(existing, crop_kp, flip, plan, visible),
             lambda: triton_targets.keypoints_after_paste(existing, crop_kp, flip, plan, visible)),

@@ -119,7 +119,8 @@ def paste_annotate_rects(images, crops, alpha, plan, padding_mask, vrange, exist
     ``existing``'s ``boxes`` and ``valid`` may be None: the tight boxes and "not empty" of its masks
     (bool or uint8 ``[B, N, H, W]``) are then taken from the kernel's copy of them.
     """
-    out, pasted = paste_batch(images, crops, alpha, plan, padding_mask, vrange, existing.masks)
+    painted = None if semantic is None else torch.empty(semantic.shape, dtype=semantic.dtype).copy_(semantic)
+    out, pasted = paste_batch(images, crops, alpha, plan, padding_mask, vrange, existing.masks, painted)
     boxes = pasted.mask_boxes if existing.boxes is None else existing.boxes.to(torch.float32).numpy()
     valid = pasted.before > 0 if existing.valid is None else existing.valid.to(torch.bool).numpy()
     after = pasted.before - pasted.lost
@@ -138,14 +139,15 @@ def paste_annotate_rects(images, crops, alpha, plan, padding_mask, vrange, exist
         torch.from_numpy(np.concatenate([kept_valid, pasted_valid], axis=1)),
     )
     paste_part = Instances(masks[:, n:].view(torch.bool), paste_boxes, plan.labels, paste_valid)
-    painted = None if semantic is None else _paint(semantic.clone(), pasted.masks[:, n:], pasted.rects, plan.labels)
     return out, merged, paste_part, painted
 
 
-def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given) -> tuple[torch.Tensor, Pasted]:
+def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given, semantic=None) -> tuple[torch.Tensor, Pasted]:
     """Composite (``crops``' RGB with the prepared ``alpha`` uint8 ``[B, K, S, S]``) and annotate
     a checked CPU batch; ``given``: the existing masks, bool or uint8 ``[B, N, H, W]``. Returns the
-    images (like ``images``) and a ``Pasted``."""
+    images (like ``images``) and a ``Pasted``. ``semantic``: a contiguous integer map ``[B, H, W]``,
+    painted in place with each paste's label (``plan.labels`` cast to its dtype) where its visible
+    mask is set, as ``annotations.paint_semantic`` does."""
     b, _, h, w = images.shape
     k, n = crops.shape[1], given.shape[1]
     out = torch.empty_like(images)
@@ -186,6 +188,7 @@ def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given) -> tupl
         np.float32(1.0 if vrange == 255.0 else vrange / 255.0),
         images.dtype == torch.uint8,
         _contiguous(given.view(torch.uint8) if given.dtype == torch.bool else given),
+        *_paint_bytes(semantic, plan, b, w),
         *pasted,
     )
     if result is not out:
@@ -194,20 +197,22 @@ def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given) -> tupl
 
 
 _NO_PADDING = np.zeros((0, 0, 0), np.bool_)
+_NO_PAINT = np.zeros((0, 0, 0), np.uint8)
+
+
+def _paint_bytes(semantic: torch.Tensor | None, plan: PastePlan, b: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The semantic map as bytes ``[B, H, W * itemsize]`` and each paste's label in its dtype as
+    bytes ``[B, K, itemsize]``: the kernel paints by copying bytes, so that one compiled variant
+    serves every integer dtype (another dtype in the signature would cost a 10 s compile each)."""
+    if semantic is None:
+        return _NO_PAINT, _NO_PAINT
+    size, (h, k) = semantic.element_size(), (semantic.shape[1], plan.labels.shape[1])
+    ids = np.ascontiguousarray(plan.labels.to(semantic.dtype).numpy()).view(np.uint8)
+    return semantic.numpy().view(np.uint8).reshape(b, h, w * size), ids.reshape(b, k, size)
 
 
 def _contiguous(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy())
-
-
-def _paint(semantic: torch.Tensor, visible: np.ndarray, rects: np.ndarray, labels: torch.Tensor) -> torch.Tensor:
-    """``semantic`` ``[B, H, W]`` with each paste's label where its visible mask (uint8 ``[B, K, H,
-    W]``, inside ``rects``) is set; visible masks are disjoint, so the order does not matter."""
-    painted, ids = semantic.numpy(), labels.to(semantic.dtype).numpy()
-    for bi, ki in zip(*np.nonzero(rects[..., 2] > rects[..., 0])):
-        x0, y0, x1, y1 = rects[bi, ki]
-        painted[bi, y0:y1, x0:x1][visible[bi, ki, y0:y1, x0:x1] != 0] = ids[bi, ki]
-    return semantic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +221,7 @@ def _paint(semantic: torch.Tensor, visible: np.ndarray, rects: np.ndarray, label
 
 @numba.njit(cache=True, nogil=True)
 def _paste_batch(src, dst, channels_last, crops, alpha, apply, inv_scale, translate, flip, keep, gain, is_u8, given,
-                 masks, rects, area, boxes, object_px, before, lost, refit, mask_boxes):  # pragma: no cover
+                 paint, paint_ids, masks, rects, area, boxes, object_px, before, lost, refit, mask_boxes):  # pragma: no cover
     b_count, k_count = apply.shape
     n = given.shape[1]
     h, w = masks.shape[2], masks.shape[3]
@@ -246,6 +251,8 @@ def _paste_batch(src, dst, channels_last, crops, alpha, apply, inv_scale, transl
             for i in range(len(group) - 1, -1, -1):  # front to back
                 k = group[i]
                 area[b, k] = _visible(masks[b, n + k], covered, gx0, gy0, table[k], boxes[b, k])
+                if paint.shape[0] > 0 and area[b, k] > 0:
+                    _paint(paint[b], paint_ids[b, k], masks[b, n + k], boxes[b, k])
                 rects[b, k] = table[k, :4]
             _cut(masks[b, :n], covered, gx0, gy0, rows, cols, lost[b], mask_boxes[b])
         for i in range(n):
@@ -507,6 +514,24 @@ def _visible(plane, covered, gx0, gy0, row, box):  # pragma: no cover
     if area:
         box[0], box[1], box[2], box[3] = bx0, by0, bx1, by1
     return area
+
+
+@numba.njit(cache=True, nogil=True)
+def _paint(semantic, label, plane, box):  # pragma: no cover
+    """Write ``label`` (the bytes of one value) into ``semantic`` (bytes ``[H, W * itemsize]``)
+    wherever the visible mask ``plane`` is set inside its tight ``box``."""
+    size = label.shape[0]
+    x0, y0, x1, y1 = int(box[0]), int(box[1]), int(box[2]), int(box[3])
+    for y in range(y0, y1):
+        line, out = plane[y], semantic[y]
+        if size == 1:  # a select, which vectorises
+            value = label[0]
+            for x in range(x0, x1):
+                out[x] = value if line[x] else out[x]
+        else:
+            for x in range(x0, x1):
+                if line[x]:
+                    out[x * size : (x + 1) * size] = label
 
 
 @numba.njit(cache=True, nogil=True)

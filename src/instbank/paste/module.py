@@ -210,7 +210,8 @@ class BankCopyPaste(nn.Module):
     """Pastes all ``K`` staged crops into each image and updates the annotations.
 
     ``forward(images, masks=None, boxes=None, labels=None, valid=None, semantic=None,
-    padding_mask=None, generator=None, keypoints=None, panoptic=None, keypoint_flip=None)`` returns
+    padding_mask=None, generator=None, keypoints=None, panoptic=None, keypoint_flip=None, segments=None,
+    panoptic_out=None)`` returns
     a dict:
 
     - ``images``: like the input (dtype, memory format)
@@ -229,7 +230,11 @@ class BankCopyPaste(nn.Module):
 
     With a panoptic map (``panoptic`` int ``[B, H, W]``, ids as ``config.panoptic`` says):
     ``panoptic`` (painted) and ``segments`` (``instbank.paste.panoptic.Segments``, ``M`` existing
-    segments then the ``K`` pastes, aligned with ``masks[:, N:]``).
+    segments then the ``K`` pastes, aligned with ``masks[:, N:]``). ``segments`` given to
+    ``forward`` is the existing segments' table (a ``Segments``, ``(ids, area)`` ``[B, M]``, or
+    COCO ``segments_info`` lists: ``panoptic.given_segments``): the map is then not counted.
+    ``panoptic_out`` (like ``panoptic``) receives the painted map; ``panoptic_out=panoptic`` paints
+    in place (on CPU only the pastes' pixels are then written).
 
     With in-batch objects (``config.in_batch > 0``): ``source_image`` int64 ``[B]`` and
     ``source_instance`` int64 ``[B, K]`` (the instance of ``source_image`` each paste slot took, -1
@@ -267,6 +272,8 @@ class BankCopyPaste(nn.Module):
         keypoints: torch.Tensor | None = None,
         panoptic: torch.Tensor | None = None,
         keypoint_flip=None,
+        segments=None,
+        panoptic_out: torch.Tensor | None = None,
     ) -> dict:
         b, _, h, w = images.shape
         existing = _existing_instances(masks, boxes, labels, valid, b, h, w, images.device)
@@ -274,8 +281,8 @@ class BankCopyPaste(nn.Module):
             from instbank.paste.keypoints import check_keypoints
 
             check_keypoints(keypoints, b, existing.labels.shape[1])
-        if panoptic is not None:
-            _check_panoptic(panoptic, self.config, b, h, w)
+        if panoptic is not None or segments is not None or panoptic_out is not None:
+            _check_panoptic(panoptic, self.config, b, h, w, segments, panoptic_out)
         impl = resolve_impl(self.config.impl, images)
         staged, origin = self._stage(images, existing, keypoints, generator, impl)
         plan = self.source.draw(staged.geometry, (h, w), generator, padding_mask, images.device)
@@ -308,7 +315,8 @@ class BankCopyPaste(nn.Module):
             result["keypoints"], result["keypoints_dropped"] = _paste_keypoints(
                 keypoints, staged.keypoints, flip, plan, pasted.masks, padding_mask, impl, existing.labels.shape[1])
         if panoptic is not None:
-            result["panoptic"], result["segments"] = _paste_panoptic(panoptic, pasted, self.config.panoptic, impl)
+            result["panoptic"], result["segments"] = _paste_panoptic(panoptic, pasted, self.config.panoptic, impl,
+                                                                     segments, panoptic_out)
         if origin is not None:
             result["source_image"], result["source_instance"] = origin
         return result
@@ -447,28 +455,39 @@ def _paste_keypoints(keypoints, crop_keypoints, flip, plan: PastePlan, paste_mas
     return run(theirs, crop_keypoints.to(dev), flip.to(dev), plan, paste_masks, padding_mask)
 
 
-def _check_panoptic(panoptic: torch.Tensor, config: CopyPasteConfig, b: int, h: int, w: int) -> None:
+def _check_panoptic(panoptic, config: CopyPasteConfig, b: int, h: int, w: int, segments, out) -> None:
     from instbank.paste.panoptic import check_map
 
+    if panoptic is None:
+        raise ValueError("segments and panoptic_out describe a panoptic map: pass it as panoptic=")
     if config.panoptic is None:
         raise ValueError("a panoptic map was given but CopyPasteConfig.panoptic (its PanopticSchema) is None")
     check_map(panoptic, b, h, w)
+    if out is not None and (out.shape != panoptic.shape or out.dtype != panoptic.dtype or
+                            out.device != panoptic.device):
+        raise ValueError(f"panoptic_out must be like panoptic ({panoptic.dtype} {tuple(panoptic.shape)} on "
+                         f"{panoptic.device}), got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
-def _paste_panoptic(panoptic, pasted: Instances, schema, impl: str):
-    """The painted map and its ``Segments`` (``instbank.paste.panoptic``)."""
+def _paste_panoptic(panoptic, pasted: Instances, schema, impl: str, segments=None, out=None):
+    """The painted map and its ``Segments`` (``instbank.paste.panoptic``); ``segments``: the
+    existing segments' table as the caller gives it; ``out``: where the map goes."""
     from instbank.paste import panoptic as spec
 
+    b = panoptic.shape[0]
+    table = None if segments is None else spec.given_segments(segments, schema, b, panoptic.device)
     if impl == "numba":
         from instbank.paste import cpu_targets
 
-        return cpu_targets.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, pasted.boxes)
+        return cpu_targets.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, pasted.boxes, table, out)
     paint = paint_semantic
     if impl == "triton":
         from instbank.paste import triton_targets
 
-        paint = triton_targets.paint_map
-    return spec.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, paint=paint)
+        def paint(source, masks, ids):
+            return triton_targets.paint_map(source, masks, ids, out=out)
+
+    return spec.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, paint=paint, segments=table, out=out)
 
 
 def _existing_instances(masks, boxes, labels, valid, b, h, w, device) -> Instances:

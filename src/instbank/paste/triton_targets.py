@@ -128,11 +128,17 @@ def _paint_kernel(map_ptr, out_ptr, mask_ptr, ids_ptr, K, HW, W, s_mb, s_mk, s_m
     tl.store(out_ptr + b * HW + p, value, mask=live)
 
 
-def paint_map(panoptic: torch.Tensor, paste_masks: torch.Tensor, paste_ids: torch.Tensor) -> torch.Tensor:
-    """As ``instbank.paste.annotations.paint_semantic``: one launch, each mask plane read once."""
+def paint_map(panoptic: torch.Tensor, paste_masks: torch.Tensor, paste_ids: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """As ``instbank.paste.annotations.paint_semantic``: one launch, each mask plane read once;
+    into ``out`` (contiguous, like ``panoptic``; ``panoptic`` itself paints in place: each pixel is
+    read and written by the same program) when given."""
     b, k, h, w = paste_masks.shape
     source = panoptic.contiguous()
-    out = torch.empty_like(source)
+    if out is None:
+        out = torch.empty_like(source)
+    elif not out.is_contiguous():
+        raise ValueError("panoptic_out must be contiguous for the Triton paint kernel")
     if source.numel() == 0:
         return out
     planes = paste_masks.view(torch.uint8) if paste_masks.dtype == torch.bool else paste_masks
