@@ -1,7 +1,7 @@
 """Build throughput as a user sees it: ``instbank build`` against bare JPEG decoding, whole processes.
 
     .venv/bin/python benchmarks/build_throughput.py [--repeat 3] [--sizes 128 64] [--rounds 3]
-        [--profile] [--no-memory] [--naive] [--engine ray]
+        [--profile] [--no-memory] [--naive] [--engine ray] [--baseline SRC]
 
 Data (issue #15): the images of ../shared/data/coco_tiny_2017 (both splits, 160 real COCO images,
 1503 non-crowd instances) listed ``--repeat`` times (default 3: 480 images) in one COCO json with
@@ -18,6 +18,8 @@ and the process's CPU seconds (user + system, from ``getrusage(RUSAGE_CHILDREN)`
   directory: json, masks, crops, BLAKE3 of every crop, memmap shards, fsync'ed manifest.
   The share of images decoded reduced in the DCT domain (shard.json ``decoded_reduced``) is printed.
 - ``build 128 w=2``: the same with ``--workers 2`` (speed-up over w=1 on the same set).
+- ``before S w=1`` (``--baseline SRC``): ``build S w=1`` with instbank imported from another tree's
+  ``src/`` (an earlier commit: ``git worktree add /tmp/old REV``), in the same rounds.
 
 Ratios are decode / build (1.0 = the build costs what decoding costs; targets: >= 0.8 at S=128 with
 one worker, w=2 / w=1 >= 1.8x). Then, unless ``--no-memory``: the build's peak memory (resident
@@ -53,6 +55,14 @@ TINY = REPO.parent / "shared" / "data" / "coco_tiny_2017" / "annotations"
 DEFAULT_COCO = [TINY / "instances_val2017.json", TINY / "instances_train2017.json"]
 SAMPLE = REPO / "data" / "sample" / "coco" / "annotations.json"
 MEMORY_REPEATS = (1, 4)
+
+BASELINE_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+from instbank.cli import main
+sys.argv[0] = "instbank"
+main()
+"""
 
 
 def read_dataset(coco: list[Path] | None, yolo: Path | None):
@@ -222,6 +232,9 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--naive", action="store_true", help="add the in-process naive per-instance loop")
     ap.add_argument("--engine", choices=["local", "ray"], default="local", help="ray: add one cold Ray build")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="SRC",
+                    help="add 'before' arms (w=1, every size): instbank imported from SRC, another tree's src/ "
+                         "(e.g. `git worktree add /tmp/old REV`, then /tmp/old/src)")
     args = ap.parse_args()
 
     import instbank
@@ -240,19 +253,23 @@ def main() -> None:
         arms: dict[str, list[str]] = {"decode": [sys.executable, "-c", DECODE_SCRIPT, str(tmp / "paths.txt")]}
         counter = iter(range(10**9))
 
-        def build_cmd(size: int, workers: int) -> list[str]:
-            return [cli, "build", "--coco", str(ann), "--images", str(root), "--out", str(tmp / f"bank-{next(counter)}"),
-                    "--workers", str(workers), "--size", str(size)]
+        def build_cmd(size: int, workers: int, src: Path | None = None) -> list[str]:
+            # another tree: the same CLI, its package first on sys.path (ahead of the editable install)
+            entry = [cli] if src is None else [sys.executable, "-c", BASELINE_SCRIPT, str(src)]
+            return entry + ["build", "--coco", str(ann), "--images", str(root), "--out", str(tmp / f"bank-{next(counter)}"),
+                            "--workers", str(workers), "--size", str(size)]
 
         for size in args.sizes:
             arms[f"build {size} w=1"] = ("build", size, 1)
+            if args.baseline:
+                arms[f"before {size} w=1"] = ("build", size, 1, args.baseline)
         arms[f"build {args.sizes[0]} w=2"] = ("build", args.sizes[0], 2)
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
         shares: dict[int, tuple[int, int]] = {}
         for _ in range(args.rounds):
             for name, arm in arms.items():
                 if arm[0] == "build":
-                    cmd = build_cmd(arm[1], arm[2])
+                    cmd = build_cmd(*arm[1:])
                     times[name].append(timed_process(cmd))
                     shares[arm[1]] = reduced_share(Path(cmd[cmd.index("--out") + 1]))
                     shutil.rmtree(cmd[cmd.index("--out") + 1])
