@@ -117,3 +117,15 @@ def test_an_exception_that_cannot_cross_processes_keeps_its_text():
     # ImageSkip(reason, detail) pickles but does not unpickle (its args are (detail,) only).
     error = pickle.loads(_pickle_error(ImageSkip("missing_image", "a.jpg: no such file")))
     assert isinstance(error, BuildError) and str(error) == "ImageSkip: a.jpg: no such file"
+
+
+def test_local_pool_progress_adds_up_to_the_whole_build(tmp_path):
+    """The pool's progress comes through a queue; whatever is still in flight when the last shard
+    ends is topped up from the shards' results, so the totals are exact (and each call positive)."""
+    dataset = read_coco(SAMPLE_COCO)
+    calls = []
+    report = build_bank(dataset, tmp_path / "b", BuildConfig(size=16, shard_images=2), workers=2,
+                        progress=lambda images, crops: calls.append((images, crops)))
+    assert report.num_shards > 2
+    assert tuple(map(sum, zip(*calls))) == (len(dataset.images), report.num_crops)
+    assert all(images >= 0 and crops >= 0 and images + crops > 0 for images, crops in calls)

@@ -16,7 +16,6 @@ import multiprocessing as mp
 import queue as queue_mod
 import signal
 import sys
-import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,7 +54,7 @@ def run(
         with opencv_single_threaded():
             with _signals_blocked():  # a fork inherits the mask: no signal lands before _init_worker
                 futures = [pool.submit(_shard_job, images, shard_dir, config, strict) for images, shard_dir in jobs]
-            _wait_all(futures, q, progress)
+            _wait_all(futures, q, progress, sum(len(images) for images, _ in jobs))
     except BaseException:
         _stop(pool, before)
         raise
@@ -75,17 +74,32 @@ def _start_method() -> str:
     return "fork"
 
 
-def _wait_all(futures, q, progress: ProgressFn | None) -> None:
-    """Wait for every future, feeding progress; the first error (a shard's) is raised at once."""
+def _wait_all(futures, q, progress: ProgressFn | None, num_images: int) -> None:
+    """Wait for every future, feeding progress; the first error (a shard's) is raised at once.
+
+    A worker's last updates may still sit in its queue's feeder thread when its result arrives, so
+    the end is topped up from the results (``num_images`` and each shard's crops) instead of
+    waiting for them: a fixed wait here was 50 ms of every parallel build's serial part."""
+    seen = [0, 0]
+
+    def count(images: int, crops: int) -> None:
+        seen[0] += images
+        seen[1] += crops
+        progress(images, crops)
+
+    tally = count if progress else None
     pending = set(futures)
     while pending:
         done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-        _drain(q, progress)
+        _drain(q, tally)
         for f in done:
             if f.exception() is not None:
                 raise f.exception()
-    time.sleep(0.05)  # the queue's feeder threads may still be flushing the last updates
-    _drain(q, progress)
+    _drain(q, tally)
+    if progress:
+        images, crops = num_images - seen[0], sum(f.result().num_crops for f in futures) - seen[1]
+        if images or crops:
+            progress(images, crops)
 
 
 def _stop(pool: ProcessPoolExecutor, before: set) -> None:
