@@ -81,3 +81,18 @@ def test_abort_closes_without_fsync_and_twice_is_harmless(tmp_path, monkeypatch)
     f.abort()
     f.abort()
     assert synced == [] and (tmp_path / "x").read_bytes() == b"abc"
+
+
+@pytest.mark.skipif(writebehind._SYNC_FILE_RANGE is None, reason="no sync_file_range here (not Linux)")
+def test_refused_cache_advice_falls_back_to_plain_writes(tmp_path, monkeypatch):
+    def refuse(fd, offset, length, advice):  # a fake only to provoke a file system that refuses it
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    pieces = _pieces([5000] * 10)
+    f = WriteBehindFile(tmp_path / "x", chunk_bytes=4096)
+    for piece in pieces:
+        f.write(piece)
+    assert not f._behind
+    f.close()
+    assert (tmp_path / "x").read_bytes() == b"".join(pieces)

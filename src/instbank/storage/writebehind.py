@@ -74,7 +74,11 @@ class WriteBehindFile:
             before, before_length = self._pending
             if not self._range(before, before_length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER):
                 return
-            os.posix_fadvise(self._fd, before, before_length, os.POSIX_FADV_DONTNEED)
+            try:
+                os.posix_fadvise(self._fd, before, before_length, os.POSIX_FADV_DONTNEED)
+            except OSError:  # advice only: a file system that refuses it keeps its cache
+                self._behind = False
+                return
         self._pending, self._started = (start, length), self._size
 
     def _range(self, offset: int, length: int, flags: int) -> bool:
