@@ -164,11 +164,7 @@ def paste_panoptic(panoptic, paste_masks, labels, schema, boxes=None, segments=N
     from instbank.paste import panoptic as spec
 
     b, k, h, w = paste_masks.shape
-    maps = panoptic.contiguous()
-    if out is None:
-        out = torch.empty_like(maps)
-    elif not out.is_contiguous():
-        raise ValueError("panoptic_out must be C-contiguous on CPU (the numba kernel writes it row by row)")
+    maps, out = spec.map_output(panoptic, out, "the numba kernel on CPU")
     flat, offset, strides = _planes(paste_masks if paste_masks.stride(-1) == 1 else paste_masks.contiguous())
     if boxes is None:
         boxes = torch.tensor([0, 0, w, h], dtype=torch.float32).expand(b, k, 4)

@@ -132,6 +132,18 @@ def check_map(panoptic: torch.Tensor, b: int, h: int, w: int) -> None:
                          f"got {panoptic.dtype} {tuple(panoptic.shape)}")
 
 
+def map_output(panoptic: torch.Tensor, out: torch.Tensor | None, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(source, out)`` for a kernel that writes the painted map row by row: ``panoptic`` made
+    contiguous and ``out``, a new tensor like it when None; ``ValueError`` naming ``kernel`` when a
+    given ``out`` is not contiguous (``panoptic`` itself is fine: painting in place)."""
+    source = panoptic.contiguous()
+    if out is None:
+        return source, torch.empty_like(source)
+    if not out.is_contiguous():
+        raise ValueError(f"panoptic_out must be C-contiguous for {kernel} (it writes the map row by row)")
+    return source, out
+
+
 def paste_panoptic(
     panoptic: torch.Tensor,
     paste_masks: torch.Tensor,

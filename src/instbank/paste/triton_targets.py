@@ -27,6 +27,8 @@ except ImportError as exc:  # pragma: no cover - depends on the platform
         "pip install 'instbank[triton]', or use the torch reference (impl='torch')"
     ) from exc
 
+from instbank.paste.panoptic import map_output
+
 # No FMA contraction: float32 coordinates must round one operation at a time, as in torch.
 LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
 BLOCK_POINTS = 128
@@ -134,11 +136,7 @@ def paint_map(panoptic: torch.Tensor, paste_masks: torch.Tensor, paste_ids: torc
     into ``out`` (contiguous, like ``panoptic``; ``panoptic`` itself paints in place: each pixel is
     read and written by the same program) when given."""
     b, k, h, w = paste_masks.shape
-    source = panoptic.contiguous()
-    if out is None:
-        out = torch.empty_like(source)
-    elif not out.is_contiguous():
-        raise ValueError("panoptic_out must be contiguous for the Triton paint kernel")
+    source, out = map_output(panoptic, out, "the Triton paint kernel")
     if source.numel() == 0:
         return out
     planes = paste_masks.view(torch.uint8) if paste_masks.dtype == torch.bool else paste_masks
