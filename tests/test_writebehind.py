@@ -43,6 +43,17 @@ def test_numpy_arrays_are_written_as_their_bytes(tmp_path):
     np.testing.assert_array_equal(on_disk, np.concatenate([crops, crops[1:]]))
 
 
+def _assert_plain_fallback(path) -> None:
+    """Write ten pieces across several chunks: write-behind turns itself off, nothing is lost."""
+    pieces = _pieces([5000] * 10)
+    f = WriteBehindFile(path, chunk_bytes=4096)
+    for piece in pieces:
+        f.write(piece)
+    assert not f._behind
+    f.close()
+    assert path.read_bytes() == b"".join(pieces)
+
+
 def _failing_sync_file_range(code: int):
     def fake(fd, offset, length, flags):  # a fake only to provoke the file system's answer
         ctypes.set_errno(code)
@@ -54,13 +65,7 @@ def _failing_sync_file_range(code: int):
 @pytest.mark.skipif(writebehind._SYNC_FILE_RANGE is None, reason="no sync_file_range here (not Linux)")
 def test_unsupported_file_system_falls_back_to_plain_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(writebehind, "_SYNC_FILE_RANGE", _failing_sync_file_range(errno.EINVAL))
-    pieces = _pieces([5000] * 10)
-    f = WriteBehindFile(tmp_path / "x", chunk_bytes=4096)
-    for piece in pieces:
-        f.write(piece)
-    assert not f._behind
-    f.close()
-    assert (tmp_path / "x").read_bytes() == b"".join(pieces)
+    _assert_plain_fallback(tmp_path / "x")
 
 
 @pytest.mark.skipif(writebehind._SYNC_FILE_RANGE is None, reason="no sync_file_range here (not Linux)")
@@ -89,10 +94,4 @@ def test_refused_cache_advice_falls_back_to_plain_writes(tmp_path, monkeypatch):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     monkeypatch.setattr(os, "posix_fadvise", refuse)
-    pieces = _pieces([5000] * 10)
-    f = WriteBehindFile(tmp_path / "x", chunk_bytes=4096)
-    for piece in pieces:
-        f.write(piece)
-    assert not f._behind
-    f.close()
-    assert (tmp_path / "x").read_bytes() == b"".join(pieces)
+    _assert_plain_fallback(tmp_path / "x")

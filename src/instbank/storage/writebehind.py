@@ -2,13 +2,13 @@
 
 A build streams crops to disk that nothing reads back soon (a 128-px bank of COCO train is
 ~55 GB). Through the page cache, every written page first has to be allocated: on the VMs measured
-(docs/perf/build.md, "write-behind") touching fresh memory costs the writer ~2.3 ms of CPU per MB,
+(docs/perf/build.md, "7. Write behind") touching fresh memory costs the writer ~2.3 ms of CPU per MB,
 0.65 s of a 2.9 s build for 295 MB of crops, and the dirty pages then wait for the final ``fsync``.
 Writing behind, the Linux way (``sync_file_range(2)``, "Some applications"), keeps the written
 part of the file to two chunks: when a chunk of ``chunk_bytes`` is complete its writeback is
 started, the chunk before it is waited for and dropped (``POSIX_FADV_DONTNEED``), and the
 allocator hands the same, already-touched pages to the next chunk. Measured on 300 MB in 600 KB
-writes: 0.75-0.87 s (0.7 s CPU) plain, 0.2-0.23 s (0.1-0.2 s CPU) written behind.
+writes and fsync: 0.75-1.15 s (0.7 s CPU) plain, 0.20-0.23 s (0.1-0.2 s CPU) written behind.
 
 Durability is unchanged: ``close`` still ``fsync``s. Where ``sync_file_range`` is missing (not
 Linux) or refused by the file system, the file is written plainly.
