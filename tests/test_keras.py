@@ -16,6 +16,7 @@ import os
 import pickle
 import subprocess
 import sys
+import weakref
 
 import cv2
 import numpy as np
@@ -157,6 +158,70 @@ def test_a_batch_is_what_bank_copy_paste_gives_for_the_same_draw(sample_coco_ban
     assert np.array_equal(out["images"], ref["images"].permute(0, 2, 3, 1).numpy())
     for key in ("masks", "boxes", "labels", "valid", "semantic"):
         assert np.array_equal(out[key], ref[key].numpy()), key
+
+
+class Remembered:
+    """A source that keeps weak references to the arrays it hands out (which keeps them alive only
+    as long as someone else does): lets a test see whether a batch was painted in place."""
+
+    def __init__(self, source):
+        self.source, self.handed = source, {}
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        batch = self.source[i]
+        self.handed[i] = {key: weakref.ref(a) for key, a in batch.items()}
+        return batch
+
+
+def test_a_batch_only_the_loader_holds_is_painted_in_place(sample_coco_bank):
+    """The guide's source makes new arrays per batch and forgets them: those images and that map
+    are painted, not copied, and the batch is the one ``paste`` (never in place) gives."""
+    source = Remembered(Batches())
+    paste = BankPaste(source, sample_coco_bank, k=K, seed=5)
+    out = paste.batch(1)
+    handed = source.handed[1]
+    assert np.shares_memory(out["images"], handed["images"]())
+    assert np.shares_memory(out["semantic"], handed["semantic"]())
+    assert_same(out, paste.paste(Batches().make(1), 1))
+
+
+def held_sources(data):
+    """Sources whose batches someone else still holds: slices of an in-memory data set, a cache
+    of batch dicts, arrays the source also keeps, a map held apart from fresh images."""
+    cache = {}
+
+    def cached(i):
+        return cache.setdefault(i, data.make(i))
+
+    kept = {}
+
+    def keeps_images(i):
+        return {**data.make(i), "images": kept.setdefault(i, data.make(i)["images"])}
+
+    maps = [data.make(i)["semantic"] for i in range(3)]
+    everything = [data.make(i) for i in range(3)]
+    stacked = {key: np.concatenate([b[key] for b in everything]) for key in everything[0]}
+    return {
+        "slices of an in-memory data set": lambda i: {key: a[3 * i : 3 * i + 3] for key, a in stacked.items()},
+        "a cache of batches": cached,
+        "images the source keeps": keeps_images,
+        "a semantic map held apart": lambda i: {**data.make(i), "semantic": maps[i]},
+    }
+
+
+@pytest.mark.parametrize("kind", list(held_sources(Batches())))
+def test_batches_someone_else_holds_are_never_painted(sample_coco_bank, kind):
+    data = Batches()
+    source = held_sources(data)[kind]
+    before = [{key: a.copy() for key, a in source(i).items()} for i in range(3)]
+    paste = BankPaste(source, sample_coco_bank, k=K, steps=3, seed=5)
+    for i in range(3):
+        assert_same(paste.batch(i), paste.paste(data.make(i), i))
+        for key, a in source(i).items():
+            assert np.array_equal(a, before[i][key]), (kind, i, key)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

@@ -205,3 +205,45 @@ def test_one_module_serves_changing_shapes():
         assert out["paste_valid"].any()
     copy = pickle.loads(pickle.dumps(module))  # e.g. sent to DataLoader workers, batch staged
     assert torch.equal(copy(images(), generator=seeded())["masks"], module(images(), generator=seeded())["masks"])
+
+
+@pytest.mark.parametrize("impl", ["numba", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "float16"])
+def test_inplace_paints_the_inputs_and_return_masks_false_drops_only_the_masks(impl, layout):
+    """``inplace=True`` returns ``images`` and ``semantic`` themselves, painted exactly as the
+    copying call paints its copies; ``return_masks=False`` gives the same result without
+    ``masks``/``paste_masks``. Large scales: pastes overlap (one group, read before written)."""
+    if impl == "numba":
+        pytest.importorskip("numba")
+    given = images(3)
+    if layout == "channels_last":
+        given = given.contiguous(memory_format=torch.channels_last)
+    elif layout == "float16":
+        given = given.to(torch.float16) / 255
+    semantic = torch.randint(0, 7, (3, H, W), dtype=torch.int16, generator=seeded(3))
+    module = BankCopyPaste(scale_range=(0.5, 0.9), max_upscale=None, impl=impl)
+    module.set_bank_batch(bank_batch(b=3, k=4))
+    ref = module(given.clone(), semantic=semantic.clone(), generator=seeded())
+    pixels, labels = given.clone(), semantic.clone()
+    got = module(pixels, semantic=labels, generator=seeded(), inplace=True, return_masks=False)
+    assert got["images"] is pixels and got["semantic"] is labels
+    assert pixels.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert torch.equal(pixels, ref["images"]) and torch.equal(labels, ref["semantic"])
+    assert not torch.equal(pixels, given)
+    assert "masks" not in got and "paste_masks" not in got
+    for key in ("boxes", "labels", "valid", "paste_boxes", "paste_labels", "paste_valid"):
+        assert torch.equal(got[key], ref[key]), key
+
+
+def test_return_masks_false_still_places_keypoints_with_the_visible_masks():
+    batch = bank_batch()
+    keypoints = torch.zeros((2, 3, 2, 3))
+    keypoints[..., :2], keypoints[..., 2] = torch.tensor([8.0, 8.0]), 2.0  # inside each object
+    batch = BankBatch(**{**{f: getattr(batch, f) for f in ("pixels", "class_ids", "indices", "src_box", "scale",
+                                                           "offset")},
+                         "keypoints": keypoints, "keypoint_flip": torch.tensor([1, 0])}, num_classes=5)
+    module = BankCopyPaste(scale_range=(0.5, 0.9), max_upscale=None)
+    module.set_bank_batch(batch)
+    ref = module(images(), generator=seeded())
+    got = module(images(), generator=seeded(), return_masks=False)
+    assert "masks" not in got and torch.equal(got["keypoints"], ref["keypoints"])

@@ -326,15 +326,41 @@ def test_cpu_gaussian_blur_inside_the_grown_support_equals_the_whole_canvas():
     sigma = torch.tensor([[0.0, 1.5, 2.9, 1.0], [3.0, 0.7, 2.0, 1.0]])
     got = prepare_alpha(torch.cat([alpha[:, :, None].expand(2, 4, 3, 37, 37), alpha[:, :, None]], 2),
                         make_plan([[[0, 0]] * 4] * 2, [[1.0] * 4] * 2, s=37, blend="gaussian", sigma=sigma.tolist()))
-    radius = math.ceil(3 * 3.0)
-    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
     for b, k in [(b, k) for b in range(2) for k in range(4)]:
         s = float(sigma[b, k])
+        reach = math.ceil(3 * s)  # each crop's own taps: |d| <= ceil(3 sigma)
+        offsets = np.arange(-reach, reach + 1, dtype=np.float32)
         taps = np.exp(-0.5 * (offsets / (s if s > 0 else 1e-6)) ** 2).astype(np.float32)
         taps /= taps.sum()
-        whole = cv2.sepFilter2D(alpha[b, k].numpy(), cv2.CV_32F, taps, taps, borderType=cv2.BORDER_CONSTANT)
-        assert np.array_equal(got[b, k, 3].numpy(), (whole + np.float32(0.5)).astype(np.uint8)), (b, k)
+        whole = cv2.sepFilter2D(alpha[b, k].numpy(), cv2.CV_8U, taps, taps, borderType=cv2.BORDER_CONSTANT)
+        assert np.array_equal(got[b, k, 3].numpy(), whole), (b, k)
     assert torch.equal(got[0, 0, 3], alpha[0, 0])  # sigma 0: unchanged
+
+
+def test_gaussian_taps_reach_ceil_three_sigma_on_every_device_path():
+    """A crop blurred with sigma 0.6 (reach 2) is the same whether the plan's radius is 2 or 9
+    (another paste of the batch with sigma 3): the taps beyond a crop's own reach are zero on the
+    CPU path and on the banded-matmul path that other devices run."""
+    from instbank.paste import _gaussian_blur
+
+    alpha = torch.zeros((1, 2, 24, 24), dtype=torch.uint8)
+    alpha[0, :, 8:16, 6:18] = 255
+    alone = _gaussian_blur(alpha[:, :1], torch.tensor([[0.6]]), 2)[0, 0]
+    beside = _gaussian_blur(alpha, torch.tensor([[0.6, 3.0]]), 9)[0, 0]
+    assert torch.equal(alone, beside)
+    assert alone[7, 10] > 0 and alone[5, 10] == 0  # two rows above the edge: reached; three: not
+    x = alpha[0, 0].float()
+    sig = torch.tensor(0.6)
+    d = torch.arange(-9, 10, dtype=torch.float32)
+    taps = torch.exp(-0.5 * (d / sig) ** 2) * (d.abs() <= 2)
+    taps = taps / taps.sum()
+    g = torch.zeros((24, 24))
+    for i in range(24):  # the banded (Toeplitz) matrix the matmul path builds
+        for j in range(24):
+            if abs(i - j) <= 9:
+                g[i, j] = taps[j - i + 9]
+    banded = torch.floor(g @ x @ g + 0.5).clamp(0, 255).to(torch.uint8)
+    assert (banded.int() - alone.int()).abs().max() <= 1
 
 
 def test_gaussian_blend_matmul_and_convolution_paths_agree():

@@ -277,13 +277,16 @@ class BankSampler:
         for indices in self:
             yield self.numpy_batch(indices)
 
-    def numpy_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def numpy_batch(self, indices: np.ndarray, pixels: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The crops at int64 ``[B, K]`` ``indices`` as new arrays: ``pixels`` uint8
         ``[B, K, 4, S, S]``, ``class_ids`` int64 ``[B, K]``, ``indices`` int64 ``[B, K]``,
         ``src_box`` float32 ``[B, K, 4]``, ``scale`` float32 ``[B, K]``, ``offset`` float32
         ``[B, K, 2]`` and, for a bank with keypoints, ``keypoints`` float32 ``[B, K, J, 3]`` and
-        ``keypoint_flip`` int64 ``[J]`` (``gather_keypoints``)."""
-        pixels = np.empty(_pixel_shape(self.bank, indices), np.uint8)
+        ``keypoint_flip`` int64 ``[J]`` (``gather_keypoints``). ``pixels``: an array to read the
+        crops into instead of a new one (C-contiguous uint8 of that shape; a caller's buffer
+        reused across steps)."""
+        if pixels is None:
+            pixels = np.empty(_pixel_shape(self.bank, indices), np.uint8)
         gather_pixels(self.bank, indices, pixels)
         return {"pixels": pixels, **gather_geometry(self.bank, indices), **gather_keypoints(self.bank, indices)}
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -111,7 +112,7 @@ class BankPaste:
             raise ValueError(f"output must be a callable or one of {', '.join(OUTPUTS)}, got {output!r}")
         self.output = output
         self._owner = os.getpid()  # the process that made this object; any other one is a worker
-        self._lock, self._pid = threading.Lock(), os.getpid()
+        self._lock, self._pid, self._local = threading.Lock(), os.getpid(), threading.local()
 
     # ---- Keras's sequence protocol
     @property
@@ -149,10 +150,16 @@ class BankPaste:
         if self.steps is not None and not 0 <= index < self.steps:
             raise IndexError(f"batch index {index} out of range 0..{self.steps - 1}")
         source_batch = self.source[index] if _is_sequence(self.source) else self.source(index)
-        return self.paste(source_batch, index, epoch)
+        # A batch nobody else holds (this name and getrefcount's argument are its only references,
+        # and its arrays pass _handed_over) is painted in place: no copy of the images and map.
+        inplace = sys.getrefcount(source_batch) == 2 and _handed_over(source_batch)
+        return self._paste(source_batch, index, epoch, inplace)
 
     def paste(self, source_batch: Mapping[str, np.ndarray], index: int, epoch: int | None = None) -> dict[str, np.ndarray]:
         """``source_batch`` with the crops of batch ``index`` pasted in (inputs are not changed)."""
+        return self._paste(source_batch, index, epoch, inplace=False)
+
+    def _paste(self, source_batch, index: int, epoch: int | None, inplace: bool) -> dict[str, np.ndarray]:
         import torch
 
         from instbank.paste import BankCopyPaste
@@ -166,7 +173,7 @@ class BankPaste:
         if self._pid != os.getpid():
             self._enter_process()
         with self._lock:  # one reader per process at a time: backends may open handles lazily
-            crops = self.sampler.numpy_batch(indices)
+            crops = self.sampler.numpy_batch(indices, self._crop_buffer((*indices.shape, 4, *self.bank.crop_size)))
         if b == 0:
             return _empty_result(inputs, indices)
         crops["class_ids"] = self.label_map[crops["class_ids"]]
@@ -181,6 +188,8 @@ class BankPaste:
             valid=_tensor(inputs.get("valid")),
             semantic=None if semantic is None else _tensor(semantic.reshape(semantic.shape[:3])),
             generator=torch.Generator().manual_seed(plan_seed),
+            return_masks="masks" in inputs,  # without instance masks in, none go out
+            inplace=inplace,
         )
         result = {"images": out["images"].permute(0, 2, 3, 1).numpy()}
         if semantic is not None:
@@ -197,13 +206,22 @@ class BankPaste:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
 
     # ---- processes and threads
+    def _crop_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """This thread's uint8 buffer for a batch's crops: they live only inside ``_paste`` (the
+        result holds none of them), and a new 4 MB array per batch (B=8, K=8, S=128) costs its
+        page faults every time."""
+        buffer = getattr(self._local, "crops", None)
+        if buffer is None or buffer.shape != shape:
+            buffer = self._local.crops = np.empty(shape, np.uint8)
+        return buffer
+
     def _enter_process(self) -> None:
         """First use in this process: a new lock (after fork, the parent's could be held by one of
         its threads forever), and in a worker process one torch thread, as torch's DataLoader sets
         in its workers: workers share the cores, and on a busy machine each multi-threaded op
         waits for a time slice (a 49k-element copy took 8 ms with 2 threads, 4 us with 1, at load 3
         on 2 cores)."""
-        self._lock, self._pid = threading.Lock(), os.getpid()
+        self._lock, self._pid, self._local = threading.Lock(), os.getpid(), threading.local()
         if self._pid != self._owner:
             import torch
 
@@ -211,7 +229,7 @@ class BankPaste:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_lock"], state["_pid"] = None, None
+        state["_lock"], state["_pid"], state["_local"] = None, None, None
         return state
 
     def __repr__(self) -> str:
@@ -349,6 +367,25 @@ def _label_map(label_map, num_classes: int) -> np.ndarray:
             f"label_map must be integer [{num_classes}] (one label per bank class), got {table.dtype} {_shape(table)}"
         )
     return table.astype(np.int64)
+
+
+def _handed_over(batch: Mapping[str, Any]) -> bool:
+    """True when the images (and the semantic map, if any) of a source batch can be painted in
+    place without anyone seeing it: plain arrays that own their memory (not views, such as slices
+    of an in-memory data set, nor memory maps) and that only the batch refers to (CPython's
+    reference counts, as numpy's own elision of temporaries reads them: the dict, ``array`` here
+    and getrefcount's argument)."""
+    if not isinstance(batch, dict):
+        return False
+    for key in ("images", "semantic"):
+        array = batch.get(key)
+        if array is None and key == "semantic":
+            continue
+        if type(array) is not np.ndarray or not (array.flags.owndata and array.flags.writeable):
+            return False
+        if sys.getrefcount(array) != 3:
+            return False
+    return True
 
 
 def _is_sequence(source) -> bool:

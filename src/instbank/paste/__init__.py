@@ -159,8 +159,10 @@ def prepared_alpha(crops: "torch.Tensor", plan: "PastePlan") -> "torch.Tensor":
 def _gaussian_blur(alpha: "torch.Tensor", sigma: "torch.Tensor", radius: int) -> "torch.Tensor":
     """Blur uint8 ``[B, K, S, S]`` with per-crop ``sigma`` ``[B, K]`` (0: unchanged); zeros outside.
 
-    Separable, with normalised taps ``exp(-d^2 / (2 sigma^2))``, ``|d| <= radius`` (a sigma of 0
-    is replaced by 1e-6, whose taps are exactly ``1`` at ``d = 0`` and ``0`` elsewhere: identity).
+    Separable, with normalised taps ``exp(-d^2 / (2 sigma^2))``, ``|d| <= ceil(3 sigma)`` (each
+    crop's own reach, at most ``radius``: the taps left out are below ``exp(-4.5)`` of the centre,
+    as OpenCV's and torchvision's kernel sizes from sigma leave them; a sigma of 0 has reach 0:
+    identity).
     On CPU, taps in numpy and OpenCV's ``sepFilter2D`` per crop (``_gaussian_blur_cv2``).
     Elsewhere, for crops up to ``8 * (2 * radius + 1)`` pixels the two passes are batched matmuls
     with a banded (Toeplitz) matrix ``G``, ``G @ A @ G`` (``G`` is symmetric): measured 4.5 ms per
@@ -180,10 +182,11 @@ def _gaussian_blur(alpha: "torch.Tensor", sigma: "torch.Tensor", radius: int) ->
     xp, arr, _ = _namespace(alpha.device)
     offsets = arr(torch.arange(-radius, radius + 1, device=alpha.device, dtype=torch.float32))
     sig = arr(sigma.reshape(n, 1).float())
-    taps = xp.exp(-0.5 * (offsets / xp.where(sig > 0, sig, 1e-6)) ** 2)
+    reach = xp.ceil(3 * sig)
+    taps = xp.exp(-0.5 * (offsets / xp.where(sig > 0, sig, 1e-6)) ** 2) * (abs(offsets) <= reach)
     taps = taps / taps.sum(axis=1, keepdims=True)
     if alpha.device.type == "cpu":
-        return _gaussian_blur_cv2(alpha, taps)
+        return _gaussian_blur_cv2(alpha, taps, xp.minimum(reach[:, 0], radius).astype(np.int64))
     x = alpha.reshape(n, s, s).float()
     if s <= 8 * (2 * radius + 1):
         # G[i, j] = taps[radius + j - i] (0 beyond the band) = row[s - 1 + radius + i - j] (taps are
@@ -200,40 +203,42 @@ def _gaussian_blur(alpha: "torch.Tensor", sigma: "torch.Tensor", radius: int) ->
     return torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8).reshape(b, k, s, s)
 
 
-def _gaussian_blur_cv2(alpha: "torch.Tensor", taps) -> "torch.Tensor":
-    """CPU blur of uint8 ``[B, K, S, S]`` alpha with float32 taps ``[B*K, 2r+1]`` (zeros outside):
-    OpenCV's separable filter per crop into one float32 buffer, rounded in one pass. 2.3 ms for
-    64 crops of 128^2 with r = 9 against 17 ms for the banded matmuls (one thread); the sums run in
-    another order, so a value may round to the other neighbour (1 level, 1e-5 of the pixels), which
-    is why both impls on one device take the alpha prepared here, never each their own.
+def _gaussian_blur_cv2(alpha: "torch.Tensor", taps, reach) -> "torch.Tensor":
+    """CPU blur of uint8 ``[B, K, S, S]`` alpha with float32 taps ``[B*K, 2r+1]`` (zeros beyond
+    each crop's ``reach`` ``[B*K]``): OpenCV's separable filter per crop, with its ``2 reach + 1``
+    taps, into one float32 buffer, rounded in one pass. 2.3 ms for 64 crops of 128^2 with r = 9
+    against 17 ms for the banded matmuls (one thread); the sums run in another order, so a value
+    may round to the other neighbour (1 level, 1e-5 of the pixels), which is why both impls on one
+    device take the alpha prepared here, never each their own.
 
-    Each crop is filtered only over the box of its non-zero alpha grown by ``r`` (zeros outside it
-    stay zero, and a pixel inside reads zeros beyond it, as the constant border gives): 70% of the
-    canvas on the sample bank's letterboxed crops.
+    Each crop is filtered only over the box of its non-zero alpha grown by its reach (zeros outside
+    it stay zero, and a pixel inside reads zeros beyond it, as the constant border gives): 70% of
+    the canvas on the sample bank's letterboxed crops.
     """
     import cv2
     import torch
 
     b, k, s, _ = alpha.shape
     r = (taps.shape[1] - 1) // 2
-    planes = alpha.reshape(b * k, s, s).contiguous()
+    planes = alpha.reshape(b * k, s, s)  # a view of the crops' alpha planes: OpenCV reads strided rows
     # rows and columns with alpha, from torch's uint8 amax (19 us for 8 crops of 128^2; numpy's 52)
-    y0, y1 = _grown_spans(planes.amax(dim=2).numpy(), r)
-    x0, x1 = _grown_spans(planes.amax(dim=1).numpy(), r)
+    y0, y1 = _grown_spans(planes.amax(dim=2).numpy(), reach)
+    x0, x1 = _grown_spans(planes.amax(dim=1).numpy(), reach)
     planes = planes.numpy()
-    blurred = np.zeros(planes.shape, np.float32)
-    for i, box in enumerate(zip(y0, y1, x0, x1)):
+    blurred = np.zeros(planes.shape, np.uint8)
+    for i, (box, q) in enumerate(zip(zip(y0, y1, x0, x1), reach.tolist())):
         if box[1] > box[0]:  # an empty alpha stays empty
             rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
-            cv2.sepFilter2D(planes[i, rows, cols], cv2.CV_32F, taps[i], taps[i], dst=blurred[i, rows, cols],
+            own = taps[i, r - q : r + q + 1]
+            cv2.sepFilter2D(planes[i, rows, cols], cv2.CV_8U, own, own, dst=blurred[i, rows, cols],
                             borderType=cv2.BORDER_CONSTANT)
-    blurred += np.float32(0.5)  # in [0.5, 255.5): the truncating cast below rounds half up
-    return torch.from_numpy(blurred.astype(np.uint8).reshape(b, k, s, s))
+    return torch.from_numpy(blurred.reshape(b, k, s, s))
 
 
-def _grown_spans(lines, r: int) -> tuple:
+def _grown_spans(lines, r) -> tuple:
     """Per row of ``lines`` ``[n, s]``: ``[first, last + 1)`` of its non-zero entries grown by
-    ``r`` and clipped to ``[0, s)``, as two int lists (an empty row gives an empty span)."""
+    ``r`` (an int, or ints ``[n]``) and clipped to ``[0, s)``, as two int lists (an empty row gives
+    an empty span)."""
     s = lines.shape[1]
     present = lines != 0
     first = np.maximum(present.argmax(axis=1) - r, 0)

@@ -204,7 +204,7 @@ def annotate_rects(
 
 
 def paste_annotate_rects(images, crops, alpha, plan: PastePlan, padding_mask, vrange: float, existing: Instances,
-                         min_visible: float, semantic=None):
+                         min_visible: float, semantic=None, with_masks: bool = True, inplace: bool = False):
     """``BankCopyPaste``'s CPU path (the reference's; ``instbank.paste.cpu_kernel`` has the same
     function compiled): composite and annotate inside each paste's rectangle, each output written
     once.
@@ -216,6 +216,10 @@ def paste_annotate_rects(images, crops, alpha, plan: PastePlan, padding_mask, vr
         existing: ``Instances`` with bool or uint8 masks ``[B, N, H, W]``; ``boxes`` and ``valid``
             may be None (then the tight boxes of the masks and "mask not empty").
         semantic: optional ``[B, H, W]`` map (not modified: the painted copy is returned).
+        with_masks: False: ``merged`` and ``pasted`` come without masks (``masks=None``; the
+            compiled twin then allocates no planes for the pastes).
+        inplace: the images and the map returned are ``images`` and ``semantic``, painted (here
+            written back from the copies; the compiled twin makes none).
 
     Returns:
         ``(images, merged, pasted, painted)``: the images; ``Instances`` of existing then pasted
@@ -236,12 +240,15 @@ def paste_annotate_rects(images, crops, alpha, plan: PastePlan, padding_mask, vr
     painted = None if semantic is None else semantic.clone()
     kept, pasted = annotate_rects(masks, groups, existing, plan, object_pixels(crops), min_visible, painted)
     merged = Instances(
-        masks,
+        masks if with_masks else None,
         torch.cat([kept.boxes, pasted.boxes], dim=1),
         torch.cat([kept.labels.to(torch.int64), pasted.labels], dim=1),
         torch.cat([kept.valid, pasted.valid], dim=1),
     )
-    return out, merged, pasted, painted
+    if inplace:
+        out = images.copy_(out)
+        painted = None if semantic is None else semantic.copy_(painted)
+    return out, merged, pasted if with_masks else pasted._replace(masks=None), painted
 
 
 def complete_instances(existing: Instances) -> Instances:

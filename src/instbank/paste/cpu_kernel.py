@@ -73,7 +73,8 @@ class Pasted(NamedTuple):
     existing instances):
 
     - ``masks``: uint8 0/1 ``[B, N+K, H, W]``: the existing masks cut by the pastes, then the
-      visible masks of the pastes
+      visible masks of the pastes (``[B, N, H, W]``, the existing ones only, when ``paste_batch``
+      was called ``with_masks=False``)
     - ``rects``: int64 ``[B, K, 4]`` the target rectangle ``x0, y0, x1, y1`` each paste could
       change (zeros where it changed nothing): its visible mask lies inside
     - ``area`` int64 ``[B, K]`` and ``boxes`` float32 ``[B, K, 4]``: pixels and tight box of each
@@ -112,15 +113,23 @@ def paste_image(
     return out, torch.from_numpy(pasted.masks).view(torch.bool)
 
 
-def paste_annotate_rects(images, crops, alpha, plan, padding_mask, vrange, existing: Instances, min_visible, semantic=None):
+def paste_annotate_rects(images, crops, alpha, plan, padding_mask, vrange, existing: Instances, min_visible, semantic=None,
+                         with_masks: bool = True, inplace: bool = False):
     """``BankCopyPaste``'s CPU path, compiled: the signature and results of
-    ``instbank.paste.annotations.paste_annotate_rects`` (the reference's).
+    ``instbank.paste.annotations.paste_annotate_rects`` (the reference's; ``with_masks=False``:
+    both ``Instances`` without masks, and no ``[B, K, H, W]`` planes allocated for them;
+    ``inplace``: ``images`` and ``semantic`` are painted and returned, no copies made).
 
     ``existing``'s ``boxes`` and ``valid`` may be None: the tight boxes and "not empty" of its masks
     (bool or uint8 ``[B, N, H, W]``) are then taken from the kernel's copy of them.
     """
-    painted = None if semantic is None else torch.empty(semantic.shape, dtype=semantic.dtype).copy_(semantic)
-    out, pasted = paste_batch(images, crops, alpha, plan, padding_mask, vrange, existing.masks, painted)
+    painted = semantic
+    if semantic is not None and not (inplace and semantic.is_contiguous()):  # the kernel paints a contiguous map
+        painted = torch.empty(semantic.shape, dtype=semantic.dtype).copy_(semantic)
+    out, pasted = paste_batch(images, crops, alpha, plan, padding_mask, vrange, existing.masks, painted, with_masks,
+                              inplace)
+    if inplace and painted is not semantic:
+        painted = semantic.copy_(painted)
     boxes = pasted.mask_boxes if existing.boxes is None else existing.boxes.to(torch.float32).numpy()
     valid = pasted.before > 0 if existing.valid is None else existing.valid.to(torch.bool).numpy()
     after = pasted.before - pasted.lost
@@ -128,8 +137,8 @@ def paste_annotate_rects(images, crops, alpha, plan, padding_mask, vrange, exist
     kept_boxes, kept_valid = occlusion_outcome(pasted.before, after, pasted.refit, after > 0, given, min_visible)
     pasted_valid = paste_validity(pasted.area, pasted.area > 0, pasted.object_px, plan, min_visible)
     n = boxes.shape[1]
-    masks = torch.from_numpy(pasted.masks)
-    if existing.masks.dtype == torch.bool:
+    masks = torch.from_numpy(pasted.masks) if with_masks else None
+    if with_masks and existing.masks.dtype == torch.bool:
         masks = masks.view(torch.bool)
     paste_boxes, paste_valid = torch.from_numpy(pasted.boxes), torch.from_numpy(pasted_valid)
     merged = Instances(
@@ -138,25 +147,30 @@ def paste_annotate_rects(images, crops, alpha, plan, padding_mask, vrange, exist
         torch.cat([existing.labels.to(torch.int64), plan.labels], dim=1),
         torch.from_numpy(np.concatenate([kept_valid, pasted_valid], axis=1)),
     )
-    paste_part = Instances(masks[:, n:].view(torch.bool), paste_boxes, plan.labels, paste_valid)
+    paste_part = Instances(masks[:, n:].view(torch.bool) if with_masks else None, paste_boxes, plan.labels, paste_valid)
     return out, merged, paste_part, painted
 
 
-def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given, semantic=None) -> tuple[torch.Tensor, Pasted]:
+def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given, semantic=None,
+                with_masks: bool = True, inplace: bool = False) -> tuple[torch.Tensor, Pasted]:
     """Composite (``crops``' RGB with the prepared ``alpha`` uint8 ``[B, K, S, S]``) and annotate
     a checked CPU batch; ``given``: the existing masks, bool or uint8 ``[B, N, H, W]``. Returns the
-    images (like ``images``) and a ``Pasted``. ``semantic``: a contiguous integer map ``[B, H, W]``,
-    painted in place with each paste's label (``plan.labels`` cast to its dtype) where its visible
-    mask is set, as ``annotations.paint_semantic`` does."""
+    images (like ``images``) and a ``Pasted`` (its ``masks`` without the pastes' planes when not
+    ``with_masks``). ``semantic``: a contiguous integer map ``[B, H, W]``, painted in place with
+    each paste's label (``plan.labels`` cast to its dtype) where its visible mask is set, as
+    ``annotations.paint_semantic`` does. ``inplace``: the pastes are written into ``images``
+    (returned), with no copy of the pixels no paste reaches: the overlap groups' rectangles are
+    disjoint, so each is read whole before it is written."""
     b, _, h, w = images.shape
     k, n = crops.shape[1], given.shape[1]
-    out = torch.empty_like(images)
+    out = images if inplace else torch.empty_like(images)
     work = images if images.dtype in KERNEL_DTYPES else images.float()  # float16/bfloat16: exact in float32
     channels_last = not work.is_contiguous() and work.is_contiguous(memory_format=torch.channels_last)
     if not (channels_last or work.is_contiguous()):  # another layout (a view): a contiguous copy
         work = work.contiguous()
     result = out if work is images and out.stride() == images.stride() else torch.empty_like(work)
-    result.copy_(work)  # pixels no paste reaches are final (a memcpy: numba's copy took 4x longer)
+    if result is not images:
+        result.copy_(work)  # pixels no paste reaches are final (a memcpy: numba's copy took 4x longer)
     src, dst = (t.permute(0, 2, 3, 1) if channels_last else t for t in (work, result))
     keep = _NO_PADDING if padding_mask is None else np.ascontiguousarray(~padding_mask.to(torch.bool).numpy())
     pasted = Pasted(
@@ -164,7 +178,7 @@ def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given, semanti
         # 44 instances: 109 MB) fresh zero pages, untouched wherever a mask is empty; below it a
         # reused heap chunk, cleared (an anonymous mapping of our own instead cost 4 us per page
         # written on the development VM: 1.8 ms per image against 1.1-1.3)
-        masks=np.zeros((b, n + k, h, w), np.uint8),
+        masks=np.zeros((b, n + k if with_masks else n, h, w), np.uint8),
         rects=np.zeros((b, k, 4), np.int64),
         area=np.zeros((b, k), np.int64),
         boxes=np.zeros((b, k, 4), np.float32),
@@ -225,17 +239,21 @@ def _paste_batch(src, dst, channels_last, crops, alpha, apply, inv_scale, transl
     b_count, k_count = apply.shape
     n = given.shape[1]
     h, w = masks.shape[2], masks.shape[3]
+    masks_out = masks.shape[1] > n  # the pastes' planes are asked for
     rows = np.zeros((n, h), np.int32)  # set pixels per row / column of each existing mask
     cols = np.zeros((n, w), np.int32)
     table = np.zeros((k_count, 8), np.int64)  # rect x0, y0, x1, y1, crop window cx0, cy0, cx1, cy1
+    painting = paint.shape[0] > 0
+    no_rows, no_label = np.zeros((0, 0), np.uint8), np.zeros(0, np.uint8)  # (numba's global arrays are read-only)
     for b in range(b_count):
+        paint_b = paint[b] if painting else no_rows
         _copy_masks(given[b], masks[b], rows, cols, before[b], mask_boxes[b])
         chosen = np.zeros(k_count, np.bool_)
         for k in range(k_count):
             if apply[b, k]:
                 chosen[k] = _paste_window(alpha[b, k], inv_scale[b, k], translate[b, k], flip[b, k], h, w, table[k])
                 if chosen[k]:
-                    object_px[b, k] = np.sum(crops[b, k, 3] >= 128)
+                    object_px[b, k] = _count_object(crops[b, k, 3])
         for group in _overlap_groups(table, chosen):
             gx0, gy0 = table[group[0], 0], table[group[0], 1]
             gx1, gy1 = table[group[0], 2], table[group[0], 3]
@@ -243,16 +261,22 @@ def _paste_batch(src, dst, channels_last, crops, alpha, apply, inv_scale, transl
                 gx0, gy0 = min(gx0, table[k, 0]), min(gy0, table[k, 1])
                 gx1, gy1 = max(gx1, table[k, 2]), max(gy1, table[k, 3])
             tile = _load(src[b], channels_last, gx0, gy0, gx1, gy1)
-            for k in group:
-                _blend(tile, gx0, gy0, crops[b, k], alpha[b, k], masks[b, n + k], keep, b, table[k],
+            # each paste's raw, then visible, mask over the group's box: written into the [H, W]
+            # planes of the output only when asked for (without them a batch of 8 at 512^2 with
+            # K = 8 allocates and faults in 17 MB less)
+            planes = np.zeros((len(group), gy1 - gy0, gx1 - gx0), np.uint8)
+            for i in range(len(group)):
+                k = group[i]
+                _blend(tile, channels_last, gx0, gy0, crops[b, k], alpha[b, k], planes[i], keep, b, table[k],
                        inv_scale[b, k], translate[b, k], flip[b, k], gain)
             _store(dst[b], channels_last, tile, gx0, gy0, is_u8)
             covered = np.zeros((gy1 - gy0, gx1 - gx0), np.uint8)
             for i in range(len(group) - 1, -1, -1):  # front to back
                 k = group[i]
-                area[b, k] = _visible(masks[b, n + k], covered, gx0, gy0, table[k], boxes[b, k])
-                if paint.shape[0] > 0 and area[b, k] > 0:
-                    _paint(paint[b], paint_ids[b, k], masks[b, n + k], boxes[b, k])
+                label = paint_ids[b, k] if painting else no_label
+                area[b, k] = _visible(planes[i], covered, gx0, gy0, table[k], boxes[b, k], paint_b, label)
+                if masks_out and area[b, k] > 0:
+                    _put_box(planes[i], gx0, gy0, boxes[b, k], masks[b, n + k])
                 rects[b, k] = table[k, :4]
             _cut(masks[b, :n], covered, gx0, gy0, rows, cols, lost[b], mask_boxes[b])
         for i in range(n):
@@ -288,6 +312,20 @@ def _copy_masks(given, masks, rows, cols, before, mask_boxes):  # pragma: no cov
         before[i] = total
         if total:
             _box_from_counts(rows[i], col, mask_boxes[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_object(alpha):  # pragma: no cover
+    """Pixels of a stored alpha ``[S, S]`` at or above 128 (its top bit: a shift and a sum, which
+    vectorise; ``np.sum(alpha >= 128)`` made a temporary array per crop, 0.2 ms per batch of 64)."""
+    total = 0
+    for y in range(alpha.shape[0]):
+        line = alpha[y]
+        count = np.int32(0)
+        for x in range(alpha.shape[1]):
+            count += np.int32(line[x] >> 7)
+        total += count
+    return total
 
 
 @numba.njit(cache=True, nogil=True)
@@ -399,10 +437,11 @@ def _axis_taps(start, count, t, inv, flipped, s, lo, hi):  # pragma: no cover
 
 
 @numba.njit(cache=True, nogil=True)
-def _blend(tile, gx0, gy0, crop, alpha, plane, keep, b, row, inv, translate, flipped, gain):  # pragma: no cover
+def _blend(tile, hwc, gx0, gy0, crop, alpha, plane, keep, b, row, inv, translate, flipped, gain):  # pragma: no cover
     """Blend one paste (``crop`` uint8 ``[4, S, S]`` RGB, prepared ``alpha`` ``[S, S]``) into the
-    float32 ``tile`` (origin ``gx0, gy0``) over its rectangle ``row[:4]``, reading the crop window
-    ``row[4:]``; its raw mask into ``plane`` (``[H, W]``, zero before)."""
+    float32 ``tile`` (origin ``gx0, gy0``; ``[h, w, 3]`` when ``hwc``, else ``[3, h, w]``) over its
+    rectangle ``row[:4]``, reading the crop window ``row[4:]``; its raw mask into ``plane`` (over
+    the tile's box, zero before)."""
     x0, y0, x1, y1 = row[0], row[1], row[2], row[3]
     cx0, cy0, cx1, cy1 = row[4], row[5], row[6], row[7]
     h, w, ww = y1 - y0, x1 - x0, cx1 - cx0
@@ -413,23 +452,29 @@ def _blend(tile, gx0, gy0, crop, alpha, plane, keep, b, row, inv, translate, fli
     for j in range(h):
         ra, rb = cy0 + ya[j], cy0 + yb[j]
         wa, wb = np.uint16(wy[0, j]), np.uint16(wy[1, j])
-        for c in range(3):
-            src_a, src_b, out = crop[c, ra, cx0:cx1], crop[c, rb, cx0:cx1], rows[j, :, c]
-            for i in range(ww):
-                out[i] = np.uint16(src_a[i]) * wa + np.uint16(src_b[i]) * wb
-        wa, wb = np.uint16(wy[2, j]), np.uint16(wy[3, j])
-        src_a, src_b, out = alpha[ra, cx0:cx1], alpha[rb, cx0:cx1], rows[j, :, 3]
+        qa, qb = np.uint16(wy[2, j]), np.uint16(wy[3, j])
+        r0a, r0b = crop[0, ra, cx0:cx1], crop[0, rb, cx0:cx1]
+        r1a, r1b = crop[1, ra, cx0:cx1], crop[1, rb, cx0:cx1]
+        r2a, r2b = crop[2, ra, cx0:cx1], crop[2, rb, cx0:cx1]
+        r3a, r3b = alpha[ra, cx0:cx1], alpha[rb, cx0:cx1]
+        out = rows[j]
+        # the four channels in one loop: LLVM interleaves the stores (one loop per channel wrote
+        # every fourth uint16 and cost 0.45 ms more per batch of 64 pastes)
         for i in range(ww):
-            out[i] = np.uint16(src_a[i]) * wa + np.uint16(src_b[i]) * wb
+            out[i, 0] = np.uint16(r0a[i]) * wa + np.uint16(r0b[i]) * wb
+            out[i, 1] = np.uint16(r1a[i]) * wa + np.uint16(r1b[i]) * wb
+            out[i, 2] = np.uint16(r2a[i]) * wa + np.uint16(r2b[i]) * wb
+            out[i, 3] = np.uint16(r3a[i]) * qa + np.uint16(r3b[i]) * qb
     rgb_a, rgb_b = wx[0] * RGB_WEIGHT, wx[1] * RGB_WEIGHT
     alpha_a, alpha_b = wx[2], wx[3]
     padded = keep.shape[0] > 0
     one = np.float32(1.0)
     for j in range(h):
-        line, raw = rows[j], plane[y0 + j, x0:x1]
-        t0 = tile[0, y0 - gy0 + j, x0 - gx0 : x1 - gx0]
-        t1 = tile[1, y0 - gy0 + j, x0 - gx0 : x1 - gx0]
-        t2 = tile[2, y0 - gy0 + j, x0 - gx0 : x1 - gx0]
+        line, raw = rows[j], plane[y0 - gy0 + j, x0 - gx0 : x1 - gx0]
+        if hwc:  # channels, pixels: one strided view type for both tile layouts
+            t = tile[y0 - gy0 + j, x0 - gx0 : x1 - gx0].T
+        else:
+            t = tile[:, y0 - gy0 + j, x0 - gx0 : x1 - gx0]
         for i in range(w):
             pa, pb = line[xa[i]], line[xb[i]]
             a = np.float32(pa[3]) * alpha_a[i] + np.float32(pb[3]) * alpha_b[i]
@@ -446,92 +491,110 @@ def _blend(tile, gx0, gy0, crop, alpha, plane, keep, b, row, inv, translate, fli
             c1 = np.float32(pa[1]) * rgb_a[i] + np.float32(pb[1]) * rgb_b[i]
             c2 = np.float32(pa[2]) * rgb_a[i] + np.float32(pb[2]) * rgb_b[i]
             c0, c1, c2 = c0 * gain, c1 * gain, c2 * gain
-            t0[i] = t0[i] * rest + c0 * alpha_k
-            t1[i] = t1[i] * rest + c1 * alpha_k
-            t2[i] = t2[i] * rest + c2 * alpha_k
+            t[0, i] = t[0, i] * rest + c0 * alpha_k
+            t[1, i] = t[1, i] * rest + c1 * alpha_k
+            t[2, i] = t[2, i] * rest + c2 * alpha_k
 
 
 @numba.njit(cache=True, nogil=True)
 def _load(image, channels_last, x0, y0, x1, y1):  # pragma: no cover
-    """float32 ``[3, y1 - y0, x1 - x0]`` copy of a rectangle of ``image`` (``[3, H, W]``, or
-    ``[H, W, 3]`` when ``channels_last``): exact for uint8 and float32."""
+    """float32 copy of a rectangle of ``image``, in its layout: ``[y1 - y0, x1 - x0, 3]`` of a
+    ``[H, W, 3]`` image when ``channels_last`` (a row is one contiguous run both sides: 0.55 ms
+    less per batch of 64 pastes than splitting it into planes), else ``[3, y1 - y0, x1 - x0]`` of
+    ``[3, H, W]``: exact for uint8 and float32."""
+    if channels_last:
+        tile = np.empty((y1 - y0, x1 - x0, 3), np.float32)
+        n = (x1 - x0) * 3
+        for j in range(y1 - y0):
+            line, out = image[y0 + j, x0:x1].reshape(n), tile[j].reshape(n)
+            for i in range(n):
+                out[i] = line[i]
+        return tile
     tile = np.empty((3, y1 - y0, x1 - x0), np.float32)
     for j in range(y1 - y0):
-        if channels_last:
-            line = image[y0 + j, x0:x1]
-            for c in range(3):
-                out = tile[c, j]
-                for i in range(x1 - x0):
-                    out[i] = line[i, c]
-        else:
-            for c in range(3):
-                line, out = image[c, y0 + j, x0:x1], tile[c, j]
-                for i in range(x1 - x0):
-                    out[i] = line[i]
+        for c in range(3):
+            line, out = image[c, y0 + j, x0:x1], tile[c, j]
+            for i in range(x1 - x0):
+                out[i] = line[i]
     return tile
 
 
 @numba.njit(cache=True, nogil=True)
 def _store(image, channels_last, tile, x0, y0, is_u8):  # pragma: no cover
-    """``reference._store_rect`` of a whole tile: uint8 ``floor(v + 0.5)`` clamped to 255 (a no-op
-    for values up to 255, as the reference clamps only when ``value_range > 255``), float32 as is."""
+    """``reference._store_rect`` of a whole tile (``_load``'s layout): uint8 ``floor(v + 0.5)``
+    clamped to 255 (a no-op for values up to 255, as the reference clamps only when
+    ``value_range > 255``), float32 as is."""
+    if channels_last:
+        h, n = tile.shape[0], tile.shape[1] * 3
+        for j in range(h):
+            _store_run(tile[j].reshape(n), image[y0 + j, x0 : x0 + tile.shape[1]].reshape(n), is_u8)
+        return
     h, w = tile.shape[1], tile.shape[2]
     for j in range(h):
         for c in range(3):
-            src = tile[c, j]
-            out = image[y0 + j, x0 : x0 + w, c] if channels_last else image[c, y0 + j, x0 : x0 + w]
-            if is_u8:  # through int32, which vectorises (a direct float -> uint8 cast did not)
-                for i in range(w):
-                    out[i] = np.int32(min(src[i] + np.float32(0.5), np.float32(255.0)))
-            else:
-                for i in range(w):
-                    out[i] = src[i]
+            _store_run(tile[c, j], image[c, y0 + j, x0 : x0 + w], is_u8)
 
 
 @numba.njit(cache=True, nogil=True)
-def _visible(plane, covered, gx0, gy0, row, box):  # pragma: no cover
-    """Turn a paste's raw mask (in ``plane``, inside ``row[:4]``) into its visible mask: clear what
-    later pastes (``covered``, over the group's box from ``gx0, gy0``) hide, then add it to
-    ``covered``; write its tight box into ``box`` and return its area."""
+def _store_run(src, out, is_u8):  # pragma: no cover
+    if is_u8:  # through int32, which vectorises (a direct float -> uint8 cast did not)
+        for i in range(src.shape[0]):
+            out[i] = np.int32(min(src[i] + np.float32(0.5), np.float32(255.0)))
+    else:
+        for i in range(src.shape[0]):
+            out[i] = src[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _visible(plane, covered, gx0, gy0, row, box, paint, label):  # pragma: no cover
+    """Turn a paste's raw mask (in ``plane``, over the group's box from ``gx0, gy0``, set only inside
+    ``row[:4]``) into its visible mask: clear what later pastes (``covered``, over the same box)
+    hide, then add it to ``covered``; write its tight box (image pixels) into ``box`` and return
+    its area. With a semantic map
+    (``paint``: bytes ``[H, W * itemsize]``, empty for none), write ``label`` (the bytes of one
+    value) wherever the visible mask is set, as ``annotations.paint_semantic`` does."""
     x0, y0, x1, y1 = row[0], row[1], row[2], row[3]
+    size = label.shape[0]
     area = 0
     bx0, by0, bx1, by1 = x1, y1, x0, y0
     for y in range(y0, y1):
-        line, cover = plane[y], covered[y - gy0]
-        first, last = x1, x0
-        for x in range(x0, x1):
-            if line[x]:
-                if cover[x - gx0]:
-                    line[x] = 0
-                else:
-                    cover[x - gx0] = 1
-                    area += 1
-                    first = min(first, x)
-                    last = x + 1
-        if last > first:
-            bx0, bx1 = min(bx0, first), max(bx1, last)
-            by0, by1 = min(by0, y), y + 1
+        line, cover = plane[y - gy0, x0 - gx0 : x1 - gx0], covered[y - gy0, x0 - gx0 : x1 - gx0]
+        count = np.int32(0)
+        for x in range(x1 - x0):  # 0/1 bytes, branch free: vectorises (0.3 ms less per 64 pastes)
+            v = line[x] & (cover[x] ^ np.uint8(1))
+            line[x] = v
+            cover[x] |= v
+            count += np.int32(v)
+        if count == 0:
+            continue
+        first, last = 0, x1 - x0
+        while line[first] == 0:
+            first += 1
+        while line[last - 1] == 0:
+            last -= 1
+        bx0, bx1 = min(bx0, x0 + first), max(bx1, x0 + last)
+        by0, by1 = min(by0, y), y + 1
+        area += count
+        if size == 1:  # a select, which vectorises
+            out, value = paint[y, x0:x1], label[0]
+            for x in range(first, last):
+                out[x] = value if line[x] else out[x]
+        elif size > 1:
+            for x in range(first, last):
+                if line[x]:
+                    paint[y, (x0 + x) * size : (x0 + x + 1) * size] = label
     if area:
         box[0], box[1], box[2], box[3] = bx0, by0, bx1, by1
     return area
 
 
 @numba.njit(cache=True, nogil=True)
-def _paint(semantic, label, plane, box):  # pragma: no cover
-    """Write ``label`` (the bytes of one value) into ``semantic`` (bytes ``[H, W * itemsize]``)
-    wherever the visible mask ``plane`` is set inside its tight ``box``."""
-    size = label.shape[0]
+def _put_box(plane, gx0, gy0, box, out):  # pragma: no cover
+    """Copy a visible mask's tight ``box`` from ``plane`` (over the group's box from ``gx0, gy0``)
+    into its output plane ``out`` ``[H, W]`` (zero before)."""
     x0, y0, x1, y1 = int(box[0]), int(box[1]), int(box[2]), int(box[3])
     for y in range(y0, y1):
-        line, out = plane[y], semantic[y]
-        if size == 1:  # a select, which vectorises
-            value = label[0]
-            for x in range(x0, x1):
-                out[x] = value if line[x] else out[x]
-        else:
-            for x in range(x0, x1):
-                if line[x]:
-                    out[x * size : (x + 1) * size] = label
+        out[y, x0:x1] = plane[y - gy0, x0 - gx0 : x1 - gx0]
 
 
 @numba.njit(cache=True, nogil=True)

@@ -211,8 +211,7 @@ class BankCopyPaste(nn.Module):
 
     ``forward(images, masks=None, boxes=None, labels=None, valid=None, semantic=None,
     padding_mask=None, generator=None, keypoints=None, panoptic=None, keypoint_flip=None, segments=None,
-    panoptic_out=None)`` returns
-    a dict:
+    panoptic_out=None, return_masks=True, inplace=False)`` returns a dict:
 
     - ``images``: like the input (dtype, memory format)
     - ``masks`` ``[B, N+K, H, W]`` (existing then pasted; the existing masks' dtype, bool if none),
@@ -221,6 +220,13 @@ class BankCopyPaste(nn.Module):
     - ``paste_masks`` bool ``[B, K, H, W]`` (a view of ``masks[:, N:]`` when the masks are bool or
       uint8), ``paste_boxes``, ``paste_labels``, ``paste_valid``
     - ``plan``: the ``PastePlan`` used (replay it with ``instbank.paste.paste``)
+
+    ``return_masks=False`` leaves ``masks`` and ``paste_masks`` out (semantic segmentation needs
+    only the images and the map; on CPU no ``[B, K, H, W]`` planes are then made, 17 MB for a
+    batch of 8 at 512^2 with K = 8); the rest is unchanged. ``inplace=True`` paints the pastes
+    into ``images`` and ``semantic`` themselves (returned as ``images`` and ``semantic``): on CPU
+    the pixels no paste reaches are then not copied (for a caller that drops its inputs anyway,
+    such as a loader's freshly made batch).
 
     With keypoints (``keypoints`` float ``[B, N, J, 3]`` of the existing instances in image pixels,
     COCO's ``x, y, v``, and/or a bank batch carrying them): ``keypoints`` float32 ``[B, N+K, J, 3]``
@@ -274,6 +280,8 @@ class BankCopyPaste(nn.Module):
         keypoint_flip=None,
         segments=None,
         panoptic_out: torch.Tensor | None = None,
+        return_masks: bool = True,
+        inplace: bool = False,
     ) -> dict:
         b, _, h, w = images.shape
         existing = _existing_instances(masks, boxes, labels, valid, b, h, w, images.device)
@@ -290,11 +298,16 @@ class BankCopyPaste(nn.Module):
         on_cpu = all(t is None or t.device.type == "cpu" for t in (images, existing.masks, semantic, padding_mask))
         rects = on_cpu and existing.masks.dtype in (torch.bool, torch.uint8) and impl in ("numba", "torch")
         if rects:
+            # keypoints and panoptic maps are placed with the pastes' visible masks
+            with_masks = return_masks or keypoints is not None or staged.keypoints is not None or panoptic is not None
             out, merged, pasted, painted = self._paste_in_rects(images, paste_plan, existing, padding_mask, semantic,
-                                                                impl)
+                                                                impl, with_masks, inplace)
         else:
             existing = complete_instances(existing)
             out, merged, pasted, painted = self._paste_whole(images, paste_plan, existing, padding_mask, semantic)
+            if inplace:
+                out = images.copy_(out)
+                painted = None if semantic is None else semantic.copy_(painted)
         result = {
             "images": out,
             "masks": merged.masks,
@@ -307,6 +320,8 @@ class BankCopyPaste(nn.Module):
             "paste_valid": pasted.valid,
             "plan": plan,
         }
+        if not return_masks:
+            del result["masks"], result["paste_masks"]
         if semantic is not None:
             result["semantic"] = painted
         if keypoints is not None or staged.keypoints is not None:
@@ -368,7 +383,8 @@ class BankCopyPaste(nn.Module):
         painted = None if semantic is None else paint_semantic(semantic, visible, staged.plan.labels)
         return out, merged, pasted, painted
 
-    def _paste_in_rects(self, images, staged: StagedPaste, existing: Instances, padding_mask, semantic, impl: str):
+    def _paste_in_rects(self, images, staged: StagedPaste, existing: Instances, padding_mask, semantic, impl: str,
+                        with_masks: bool = True, inplace: bool = False):
         """CPU: composite and annotate inside each paste's rectangle, writing every output once
         (``paste_annotate_rects`` of ``impl``: the numba kernel or the numpy reference)."""
         if impl == "numba":  # imports numba, so only when asked for
@@ -380,7 +396,8 @@ class BankCopyPaste(nn.Module):
         check_inputs(images, crops, plan, padding_mask)
         vrange = default_value_range(images.dtype, cfg.value_range)
         alpha = prepared_alpha(crops, plan)
-        return run(images, crops, alpha, plan, padding_mask, vrange, existing, cfg.min_visible, semantic)
+        return run(images, crops, alpha, plan, padding_mask, vrange, existing, cfg.min_visible, semantic, with_masks,
+                   inplace)
 
 
 def _target_impl(impl: str, reference):
