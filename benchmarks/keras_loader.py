@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/keras_loader.py [--size 512] [--batch 8] [--k 8] [--crop 128]
         [--bank out/demo-bank] [--blend gaussian] [--rounds 7] [--batches 4] [--threads 1]
+        [--malloc pinned|glibc]
 
 The loader is the one of the AlbumentationsX guide for Keras, on the shipped COCO sample (8
 images, about 640x480 JPEGs): a sequence whose batch ``i`` reads ``--batch`` images and their
@@ -28,11 +29,17 @@ alternating), after a warm-up. Figures: median over rounds of ms per batch, wall
 CPU time; overhead = median of the rounds' pasted / plain - 1. ``--threads`` sets torch's and
 OpenCV's thread count on both sides (1: what a loader worker process runs with; torch's DataLoader
 and ``BankPasteDataset``'s worker processes set it).
+``--malloc pinned`` (the default) fixes glibc's allocator thresholds for the whole process
+first (``fix_malloc``): both sides share one process, and with glibc's dynamic threshold the
+largest array either side frees decides whether the other's batch arrays come back as fresh,
+faulted-in pages (a paste without its 17 MB mask planes made the plain loader 20% slower that
+way). ``--malloc glibc`` keeps the dynamic thresholds.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -164,6 +171,21 @@ def measure(plain, pasted, rounds: int, batches: int) -> dict[str, float]:
             "pasted_cpu": med("pasted", 1), "over_wall": over(0), "over_cpu": over(1)}
 
 
+def fix_malloc() -> bool:
+    """glibc's mmap threshold pinned at 32 MiB (its maximum) and heap trimming off, for the whole
+    process. By default glibc moves the threshold up to the largest block freed so far, and trims
+    the heap top past twice that: which of a batch's 2-6 MB arrays come back as fresh pages
+    (each page faulted in again; costly on this VM) then depends on the largest array any code in
+    the process freed, so one side's allocations change the other side's time. Pinned, neither
+    side's figure depends on the other's. False where it cannot be set (not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -175,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batches", type=int, default=4, help="batches per side per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--malloc", default="pinned", choices=["pinned", "glibc"],
+                        help="pinned: fix_malloc() first (default); glibc: its dynamic thresholds")
     args = parser.parse_args(argv)
+    malloc = "glibc's dynamic thresholds"
+    if args.malloc == "pinned":
+        malloc = "mmap threshold pinned at 32 MiB, no trimming" if fix_malloc() else "glibc's (could not pin)"
 
     from instbank.integrations.keras import BankPasteDataset
     from instbank.paste import CopyPasteConfig
@@ -189,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         coco = COCO(str(SAMPLE))
         labels = write_labels(coco, tmp)
         print(f"\nbank {bank.path}: {len(bank)} crops of {bank.crop_size[0]}^2; B={args.batch}, K={args.k}, "
-              f"{args.size}^2, {args.blend} blend, threads={args.threads}, load average {os.getloadavg()[0]:.1f} at start")
+              f"{args.size}^2, {args.blend} blend, threads={args.threads}, malloc: {malloc}, "
+              f"load average {os.getloadavg()[0]:.1f} at start")
         print("| loader | plain ms/batch (wall / cpu) | with paste ms/batch (wall / cpu) | paste adds (wall / cpu) |")
         print("|---|---|---|---|")
         for kind in ("semantic", "semantic + AlbumentationsX", "instances"):

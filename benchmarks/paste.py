@@ -490,6 +490,8 @@ def torchvision_section(args) -> None:
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":  # both sides at --threads, as the CPU sections run
+        torch.set_num_threads(args.threads)
     targets = synthetic_targets(args.gpu_batch, args.existing, args.size)
     (images, masks, boxes, labels, _), = padded_batches(targets, args.gpu_batch)
     images, masks, boxes, labels = images.to(dev), masks.to(dev).bool(), boxes.to(dev), labels.to(dev)
