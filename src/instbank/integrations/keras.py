@@ -28,6 +28,11 @@ int64 ``[B, N+K]``, ``valid`` bool ``[B, N+K]`` (when masks are given: existing 
 pastes, then the pastes; see ``instbank.paste.BankCopyPaste``), and ``crop_indices`` int64
 ``[B, K]``. Labels of pasted objects are the bank's contiguous class ids, or ``label_map[id]``.
 
+A source batch that nothing else holds (``_handed_over``: the dict and its ``images``/``semantic``
+arrays referred to by nothing else, arrays owning their memory) is painted in place and returned,
+without copies; any other (slices of an in-memory data set, cached or kept batches) is copied
+first. ``BankPaste.paste`` never changes its input.
+
 Reproducible and worker safe: the crops and the placement of batch ``i`` come from one generator
 seeded with ``(seed, epoch, rank, i)``, so a batch does not depend on which Keras worker (thread or
 process) made it, nor on the order batches are asked for. ``on_epoch_end`` moves to the next
