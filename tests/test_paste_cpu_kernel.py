@@ -85,13 +85,19 @@ def test_identity_paste_copies_the_crop():
     w=st.integers(1, 70),
     dtype=st.sampled_from([torch.uint8, torch.float32, torch.float16, torch.bfloat16]),
     padded=st.booleans(),
+    channels_last=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_matches_reference_on_random_inputs(b, k, s, h, w, dtype, padded, seed):
+def test_matches_reference_on_random_inputs(b, k, s, h, w, dtype, padded, channels_last, seed):
+    """Odd shapes, every image dtype, padding, and both tile layouts (channels-last images are
+    composited in ``[h, w, 3]`` tiles, others in ``[3, h, w]`` ones)."""
     g = torch.Generator().manual_seed(seed)
     plan = random_plan(g, b, k, s, h, w, scale_range=(0.3, 4.0))
     padding = torch.rand((b, h, w), generator=g) < 0.2 if padded else None
-    assert_same(random_images(g, b, h, w, dtype), random_crops(g, b, k, s), plan, padding)
+    images = random_images(g, b, h, w, dtype)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    assert_same(images, random_crops(g, b, k, s), plan, padding)
 
 
 def test_auto_picks_numba_on_cpu_and_paste_matches_the_reference():
@@ -106,12 +112,12 @@ def test_auto_picks_numba_on_cpu_and_paste_matches_the_reference():
 
 
 @pytest.mark.parametrize("blend", ["hard", "gaussian"])
-@pytest.mark.parametrize("form", ["u8+box+valid", "u8", "bool+box", "bool+valid"])
+@pytest.mark.parametrize("form", ["u8+box+valid", "u8", "bool+box", "bool+valid", "bool+valid channels-last u8-map"])
 def test_bank_copy_paste_cpu_path_matches_the_reference(blend, form):
     """The module's in-rectangle CPU path (composite + annotations) with either impl: the same
     dict, for each way of passing the existing instances (masks uint8 with any non-zero value or
     bool; boxes and valid given or derived), with padding entries (empty masks, valid False) and a
-    semantic map."""
+    semantic map (int64, or uint8 with channels-last images: the kernel's one-byte select)."""
     g = torch.Generator().manual_seed(0)
     crops = random_crops(g, 3, 5, 24)
     packed = torch.cat([crops, torch.arange(15).view(3, 5, 1, 1, 1).expand(3, 5, 1, 24, 24).byte()], dim=2)
@@ -123,6 +129,9 @@ def test_bank_copy_paste_cpu_path_matches_the_reference(blend, form):
     valid = masks.flatten(2).amax(dim=2) > 0
     boxes = torch.tensor([10.0, 10.0, 20.0, 20.0]).expand(3, 4, 4).clone()  # loose: kept where untouched
     semantic = torch.randint(0, 20, (3, 61, 47), generator=g)
+    if "channels-last" in form:
+        images = images.contiguous(memory_format=torch.channels_last)
+        semantic = semantic.to(torch.uint8)
     labels = torch.arange(12).view(3, 4)
     results = []
     for impl in ("numba", "torch"):
