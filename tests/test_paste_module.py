@@ -235,6 +235,24 @@ def test_inplace_paints_the_inputs_and_return_masks_false_drops_only_the_masks(i
         assert torch.equal(got[key], ref[key]), key
 
 
+def test_inplace_on_the_whole_mask_path():
+    """Float masks take the whole-mask path (the one other devices run): ``inplace=True`` writes
+    its result back into the inputs."""
+    given = images(2)
+    masks = torch.zeros((2, 1, H, W))
+    masks[:, 0, 10:30, 10:40] = 1.0
+    semantic = torch.zeros((2, H, W), dtype=torch.int64)
+    module = BankCopyPaste(scale_range=(0.5, 0.9), max_upscale=None, impl="torch")
+    module.set_bank_batch(bank_batch())
+    ref = module(given.clone(), masks, labels=torch.ones((2, 1), dtype=torch.int64), semantic=semantic.clone(),
+                 generator=seeded())
+    pixels, labels = given.clone(), semantic.clone()
+    got = module(pixels, masks, labels=torch.ones((2, 1), dtype=torch.int64), semantic=labels, generator=seeded(),
+                 inplace=True, return_masks=False)
+    assert got["images"] is pixels and got["semantic"] is labels and "masks" not in got
+    assert torch.equal(pixels, ref["images"]) and torch.equal(labels, ref["semantic"]) and not torch.equal(pixels, given)
+
+
 def test_return_masks_false_still_places_keypoints_with_the_visible_masks():
     batch = bank_batch()
     keypoints = torch.zeros((2, 3, 2, 3))
