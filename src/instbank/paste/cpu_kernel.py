@@ -6,9 +6,11 @@ Same signature, outputs and arithmetic as the reference ``instbank.paste.referen
 equal, for every image dtype (tested with hypothesis), and every output of ``BankCopyPaste`` equal
 to the reference path's (``instbank.paste.annotations.paste_annotate_rects``). The structure is the
 reference's CPU path, compiled: per image, the rectangle each paste can change (the target image of
-its crop's non-zero alpha), overlap groups of rectangles, one float32 tile per group, pastes blended
-back to front, rounding on store; then visible masks front to back, and existing masks cut, inside
-the group's rectangle. One call per batch instead of ~60 numpy operations per paste and ~150 per
+its crop's non-zero alpha), overlap groups of rectangles, one float32 tile per group (in the image's
+layout: ``[h, w, 3]`` for channels-last images), pastes blended back to front, rounding on store;
+then visible masks front to back (in a scratch over the group's box, copied into the output planes
+when they are asked for; the semantic map painted there), and existing masks cut, inside the
+group's rectangle. One call per batch instead of ~60 numpy operations per paste and ~150 per
 call around them: at B=1 those cost more than the pixels (docs/perf/paste.md).
 
 Per paste (``rect`` of ``h x w`` target pixels, crop window ``wh x ww``):
