@@ -286,7 +286,7 @@ class BankSampler:
         crops into instead of a new one (C-contiguous uint8 of that shape; a caller's buffer
         reused across steps)."""
         if pixels is None:
-            pixels = np.empty(_pixel_shape(self.bank, indices), np.uint8)
+            pixels = np.empty(pixel_shape(self.bank, indices), np.uint8)
         gather_pixels(self.bank, indices, pixels)
         return {"pixels": pixels, **gather_geometry(self.bank, indices), **gather_keypoints(self.bank, indices)}
 
@@ -342,7 +342,8 @@ def _bank_name(bank) -> str:
 # staging (numpy part, shared by numpy_batches and BankStaging)
 
 
-def _pixel_shape(bank, indices: np.ndarray) -> tuple[int, ...]:
+def pixel_shape(bank, indices: np.ndarray) -> tuple[int, ...]:
+    """The shape of the crops at ``indices`` (any int array shape): ``(*indices.shape, 4, S, S)``."""
     h, w = bank.crop_size
     return (*indices.shape, 4, h, w)
 
@@ -422,7 +423,7 @@ class _BankStagingImpl:
 
         from instbank.types import BankBatch
 
-        pixels = alloc(_pixel_shape(self.bank, indices))
+        pixels = alloc(pixel_shape(self.bank, indices))
         gather_pixels(self.bank, indices, pixels.numpy())
         arrays = {**gather_geometry(self.bank, indices), **gather_keypoints(self.bank, indices)}
         geometry = {name: torch.from_numpy(a) for name, a in arrays.items()}

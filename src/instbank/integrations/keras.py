@@ -168,6 +168,7 @@ class BankPaste:
         import torch
 
         from instbank.paste import BankCopyPaste
+        from instbank.sampling import pixel_shape
 
         inputs = _check_batch(source_batch, self.config.value_range, self.bank, self.label_map)
         images = inputs["images"]
@@ -178,7 +179,7 @@ class BankPaste:
         if self._pid != os.getpid():
             self._enter_process()
         with self._lock:  # one reader per process at a time: backends may open handles lazily
-            crops = self.sampler.numpy_batch(indices, self._crop_buffer((*indices.shape, 4, *self.bank.crop_size)))
+            crops = self.sampler.numpy_batch(indices, self._crop_buffer(pixel_shape(self.bank, indices)))
         if b == 0:
             return _empty_result(inputs, indices)
         crops["class_ids"] = self.label_map[crops["class_ids"]]
