@@ -107,6 +107,127 @@ def test_given_table_and_in_place_agree_with_the_counted_reference(seed, b, k, d
         assert torch.equal(out, counted[0])
 
 
+def packed_bank(g: torch.Generator, b: int, k: int, s: int = 16, labels=(1, 2, 3, 4, 5)) -> torch.Tensor:
+    """uint8 ``[B, K, 5, S, S]``: disk crops with hard or soft alpha and a class-id plane drawn
+    from ``labels`` (things 1-3 and stuff 4-5 of ``SCHEMA``)."""
+    crops = disk_crops(g, b, k, s)
+    if bool(torch.rand((), generator=g) < 0.5):
+        crops[..., 3, :, :] = torch.where(crops[:, :, 3] > 0, 255, 0)
+    choice = torch.tensor(labels)[torch.randint(0, len(labels), (b, k), generator=g)]
+    return torch.cat([crops, choice.to(torch.uint8)[:, :, None, None, None].expand(b, k, 1, s, s)], dim=2)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 3), k=st.integers(1, 6),
+       dtype=st.sampled_from([torch.int16, torch.int32, torch.int64]), stripes=st.booleans(),
+       table=st.booleans(), in_place=st.booleans(), return_masks=st.booleans(), channels_last=st.booleans())
+def test_module_numba_paints_the_map_in_its_kernel_as_the_reference(seed, b, k, dtype, stripes, table, in_place,
+                                                                     return_masks, channels_last):
+    """``BankCopyPaste(impl="numba")`` paints the map inside its paste kernel, each paste as its
+    visible mask is made (over the overlap group's scratch, not the output planes): the same map,
+    table and images as the reference path, on odd shapes, every map dtype, many ids per row,
+    with or without the table, the output masks, a map painted in place (``inplace=True``)."""
+    pytest.importorskip("numba")
+    g = torch.Generator().manual_seed(seed)
+    maps, masks, labels = random_case(seed, b, 2, dtype, stripes)
+    images = torch.randint(0, 256, (b, 3, H, W), dtype=torch.uint8, generator=g)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    packed = packed_bank(g, b, k)
+    known = table_of(maps, np.random.default_rng(seed)) if table else None
+    results = {}
+    for impl in ("torch", "numba"):
+        module = BankCopyPaste(impl=impl, panoptic=SCHEMA, scale_range=(0.3, 0.8), max_upscale=None)
+        module.set_bank_batch(packed)
+        own = maps.clone()
+        results[impl] = module(images.clone(), masks=masks, labels=labels, panoptic=own, segments=known,
+                               generator=torch.Generator().manual_seed(seed), return_masks=return_masks,
+                               inplace=in_place)
+        assert (results[impl]["panoptic"] is own) == in_place
+    ref, ours = results["torch"], results["numba"]
+    assert_same((ref["panoptic"], ref["segments"]), (ours["panoptic"], ours["segments"]))
+    assert torch.equal(ref["images"], ours["images"]) and torch.equal(ref["paste_valid"], ours["paste_valid"])
+    segments, m = ours["segments"], ours["segments"].num_existing
+    in_map = (ours["panoptic"][:, None] == segments.ids[:, m:, None, None]).flatten(2).sum(-1)
+    things = segments.is_thing[:, m:]
+    assert torch.equal(segments.area[:, m:][things], in_map[things])  # a thing paste's row: its pixels in the map
+
+
+def module_case(impl: str, seed: int, stripes: bool, labels=(1, 2, 3, 4, 5)):
+    """``(maps, masks, labels, images, module)``: two 37 x 53 images with two instances each and a
+    ``BankCopyPaste`` of ``impl`` with three disk crops staged (classes drawn from ``labels``)."""
+    if impl == "numba":
+        pytest.importorskip("numba")
+    g = torch.Generator().manual_seed(seed)
+    maps, masks, instance_labels = random_case(seed, 2, 2, torch.int32, stripes)
+    images = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=g)
+    module = BankCopyPaste(impl=impl, panoptic=SCHEMA, scale_range=(0.4, 0.8), max_upscale=None)
+    module.set_bank_batch(packed_bank(g, 2, 3, labels=labels))
+    return maps, masks, instance_labels, images, module
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_inplace_paints_a_map_of_any_strides(impl):
+    """``inplace=True`` paints the caller's map: a map of other strides (a transposed view) is
+    painted as a contiguous copy and copied back."""
+    maps, masks, labels, images, module = module_case(impl, 8, True)
+    expected = module(images, masks=masks, labels=labels, panoptic=maps, generator=torch.Generator().manual_seed(2))
+    strided = maps.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    out = module(images.clone(), masks=masks, labels=labels, panoptic=strided, inplace=True,
+                 generator=torch.Generator().manual_seed(2))
+    assert out["panoptic"] is strided and torch.equal(strided, expected["panoptic"])
+    assert not torch.equal(strided, maps)  # something was pasted
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_module_refuses_a_bad_map_before_painting_anything(impl):
+    """Ids that break the schema are found before the pastes: with ``inplace=True`` the images and
+    the map are left as they were. A table that does not describe the map is found while painting."""
+    maps, masks, labels, images, module = module_case(impl, 7, False, labels=(1,))
+    bad = maps.clone()
+    bad[1, 0, 0] = -7
+    kept_images, kept_map = images.clone(), bad.clone()
+    with pytest.raises(ValueError, match=r"segment id -7 in image 1 is negative and not the schema's void_id -1"):
+        module(images, masks=masks, labels=labels, panoptic=bad, inplace=True)
+    assert torch.equal(images, kept_images) and torch.equal(bad, kept_map)
+    ids, area = table_of(maps, np.random.default_rng(0), split=False)
+    short = (ids, torch.ones_like(area))
+    with pytest.raises(ValueError, match=r"has area 1 in the given table but the pastes cover"):
+        module(images, masks=masks, labels=labels, panoptic=maps, segments=short,
+               generator=torch.Generator().manual_seed(0))
+    lacking = (torch.tensor([[101], [101]]), torch.tensor([[5], [5]]))
+    with pytest.raises(ValueError, match=r"is under a paste but not in the given segments table"):
+        module(images, masks=masks, labels=labels, panoptic=maps, segments=lacking,
+               generator=torch.Generator().manual_seed(0))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), h=st.integers(1, 7), w=st.integers(1, 70), kinds=st.integers(1, 6),
+       in_place=st.booleans(), dtype=st.sampled_from([torch.int16, torch.int32, torch.int64]))
+def test_numba_counts_a_map_as_unique_does(seed, h, w, kinds, in_place, dtype):
+    """The numba twin's count of a map's segments (runs cut by blocks of 16 pixels checked at
+    once, then walked): rows shorter than a block or not a multiple of it, runs ending at a
+    block's edge, void, a map counted in place (left as it was) or copied."""
+    pytest.importorskip("numba")
+    from instbank.paste import cpu_targets
+
+    g = np.random.default_rng(seed)
+    ids = np.array([101, 102, 201, 400, -1, 500])[:kinds]
+    lengths = g.integers(1, 20, h * w)  # runs of random lengths, cut to the map
+    flat = np.repeat(g.choice(ids, len(lengths)), lengths)[: h * w]
+    maps = torch.from_numpy(np.resize(flat, (1, h, w))).to(dtype)
+    kept = maps.clone()
+    out = maps if in_place else torch.full_like(maps, 7)
+    state = cpu_targets.prepare_panoptic(maps, torch.zeros((1, 0), dtype=torch.int64), SCHEMA, None, out)
+    found, counts = torch.unique(kept.to(torch.int64), return_counts=True)
+    labeled = found != SCHEMA.void_id
+    m = int(state.count[0])
+    assert state.ids[0, :m].tolist() == found[labeled].tolist()
+    assert state.area[0, :m].tolist() == counts[labeled].tolist()
+    assert torch.equal(out, kept) and torch.equal(maps, kept)
+
+
 def test_given_segments_forms_are_one_table():
     """A ``Segments`` (the previous step's output, stuff rows of one id merged), a pair, COCO
     ``segments_info`` lists: the same existing segments."""

@@ -27,6 +27,7 @@ from paste_cases import (
 
 from instbank.paste import BankCopyPaste, CopyPasteConfig
 from instbank.paste import keypoints as spec
+from instbank.paste.plan import tight_boxes
 from instbank.paste.reference import paste_image, visible_masks
 from instbank.types import BankBatch
 
@@ -121,8 +122,9 @@ def test_numba_matches_reference(seed, b, n, k, j, h, w, padded):
 
     points, paste_masks, padding = random_case(seed, b, n, k, j, h, w, padded)
     ref = spec.keypoint_visibility(points, n, paste_masks, padding)
-    ours = cpu_targets.keypoint_visibility(points, n, paste_masks, padding)
-    assert torch.equal(ref[0].nan_to_num(-7), ours[0].nan_to_num(-7)) and torch.equal(ref[1], ours[1])
+    for boxes in (None, tight_boxes(paste_masks)):  # the boxes only say where to read the masks
+        ours = cpu_targets.keypoint_visibility(points, n, paste_masks, padding, boxes)
+        assert torch.equal(ref[0].nan_to_num(-7), ours[0].nan_to_num(-7)) and torch.equal(ref[1], ours[1])
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)
@@ -144,8 +146,9 @@ def test_numba_whole_path_matches_reference(seed, b, n, k, padded):
     padding = (torch.rand((b, H, W), generator=g) < 0.2) if padded else None
     flip = torch.tensor(TOY_FLIP)
     ref = spec.keypoints_after_paste(existing, crop_kp, flip, plan, masks[:, 1:], padding)
-    ours = cpu_targets.keypoints_after_paste(existing, crop_kp, flip, plan, masks[:, 1:], padding)
-    assert torch.equal(ref[0], ours[0]) and torch.equal(ref[1], ours[1])
+    for boxes in (None, tight_boxes(masks[:, 1:])):
+        ours = cpu_targets.keypoints_after_paste(existing, crop_kp, flip, plan, masks[:, 1:], padding, boxes)
+        assert torch.equal(ref[0], ours[0]) and torch.equal(ref[1], ours[1])
 
 
 @pytest.mark.parametrize(("b", "n", "k", "j", "padded"), [(2, 3, 4, 5, False), (3, 0, 5, 17, True), (1, 4, 0, 3, True)])

@@ -15,6 +15,8 @@ and is cached on disk like the paste kernel.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -38,6 +40,8 @@ def _planes(masks: torch.Tensor):
     size = planes.untyped_storage().nbytes()
     flat = torch.as_strided(planes, (size,), (1,), 0).numpy()
     return flat, planes.storage_offset(), np.asarray(planes.stride(), np.int64)
+
+
 
 
 def _prefetcher(write: int):
@@ -71,22 +75,32 @@ _prefetch_read, _prefetch_write = _prefetcher(0), _prefetcher(1)
 
 
 def keypoint_visibility(points: torch.Tensor, n: int, paste_masks: torch.Tensor,
-                        padding_mask: torch.Tensor | None = None):
-    """As ``instbank.paste.keypoints.keypoint_visibility``, for CPU tensors."""
+                        padding_mask: torch.Tensor | None = None, boxes: torch.Tensor | None = None):
+    """As ``instbank.paste.keypoints.keypoint_visibility``, for CPU tensors; ``boxes``: float
+    ``[B, K, 4]`` boxes holding the visible masks (e.g. their tight boxes), None: not known."""
     out = np.array(points.numpy(), dtype=np.float32)  # a copy, C-contiguous
     pad = _NO_PADDING if padding_mask is None else np.ascontiguousarray(padding_mask.to(torch.bool).numpy())
     flat, offset, strides = _planes(paste_masks)
     dropped = np.zeros(points.shape[0], np.int64)
-    _visibility(out, n, flat, offset, strides, paste_masks.shape[2], paste_masks.shape[3], pad, dropped)
+    _visibility(out, n, flat, offset, strides, paste_masks.shape[2], paste_masks.shape[3], pad, _box_array(boxes),
+                dropped)
     return torch.from_numpy(out), torch.from_numpy(dropped)
+
+
+_NO_KEYPOINT_BOXES = np.zeros((0, 0, 4), np.float32)
+
+
+def _box_array(boxes: torch.Tensor | None) -> np.ndarray:
+    return _NO_KEYPOINT_BOXES if boxes is None else np.ascontiguousarray(boxes.numpy(), dtype=np.float32)
 
 
 _NO_PADDING = np.zeros((0, 0, 0), np.bool_)
 
 
-def keypoints_after_paste(existing, crop_keypoints, keypoint_flip, plan, paste_masks, padding_mask=None):
+def keypoints_after_paste(existing, crop_keypoints, keypoint_flip, plan, paste_masks, padding_mask=None, boxes=None):
     """As ``instbank.paste.keypoints.keypoints_after_paste``, for CPU tensors: rule 1 (the pastes'
-    keypoints mapped into the image, float32 in the reference's op order) and rules 2-4 in one call."""
+    keypoints mapped into the image, float32 in the reference's op order) and rules 2-4 (two
+    compiled calls); ``boxes`` as ``keypoint_visibility`` takes them."""
     b, n, j, _ = existing.shape
     k = crop_keypoints.shape[1]
     out = np.zeros((b, n + k, j, 3), np.float32)
@@ -97,7 +111,8 @@ def keypoints_after_paste(existing, crop_keypoints, keypoint_flip, plan, paste_m
     pad = _NO_PADDING if padding_mask is None else np.ascontiguousarray(padding_mask.to(torch.bool).numpy())
     flat, offset, strides = _planes(paste_masks)
     dropped = np.zeros(b, np.int64)
-    _visibility(out, n, flat, offset, strides, paste_masks.shape[2], paste_masks.shape[3], pad, dropped)
+    _visibility(out, n, flat, offset, strides, paste_masks.shape[2], paste_masks.shape[3], pad, _box_array(boxes),
+                dropped)
     return torch.from_numpy(out), torch.from_numpy(dropped)
 
 
@@ -121,12 +136,15 @@ def _map_keypoints(crop, flip, apply, flipped, scale, translate, size, out):  # 
 
 
 @numba.njit(cache=True, nogil=True)
-def _visibility(points, n, flat, offset, strides, h, w, padding, dropped):  # pragma: no cover
+def _visibility(points, n, flat, offset, strides, h, w, padding, boxes, dropped):  # pragma: no cover
     """Rules 2-4 in place on float32 ``points`` ``[B, N+K, J, 3]``; the paste masks ``[B, K, H, W]``
     as their storage ``flat`` (uint8) with ``offset`` and ``strides``; ``padding``: bool ``[B, H, W]``
-    or empty."""
+    or empty; ``boxes``: float32 ``[B, K, 4]`` holding the visible masks, or empty: a paste's plane
+    is read only where its box holds the keypoint (a read of a 17 MB batch of planes per paste
+    and keypoint missed the cache: 75 us per batch of 8 x 12 x 17 keypoints without the boxes)."""
     k_count = points.shape[1] - n
     padded = padding.shape[0] > 0
+    boxed = boxes.shape[0] > 0
     for b in range(points.shape[0]):
         for r in range(points.shape[1]):
             for j in range(points.shape[2]):
@@ -145,6 +163,8 @@ def _visibility(points, n, flat, offset, strides, h, w, padding, dropped):  # pr
                     continue
                 at = offset + b * strides[0] + py * strides[2] + px * strides[3]
                 for k in range(max(r - n + 1, 0), k_count):
+                    if boxed and not (boxes[b, k, 0] <= px < boxes[b, k, 2] and boxes[b, k, 1] <= py < boxes[b, k, 3]):
+                        continue
                     if flat[at + k * strides[1]]:
                         points[b, r, j, 2] = min(v, np.float32(1.0))
                         break
@@ -154,6 +174,36 @@ def _visibility(points, n, flat, offset, strides, h, w, padding, dropped):  # pr
 # panoptic
 
 
+class PanopticPaint(NamedTuple):
+    """A batch's panoptic map between ``prepare_panoptic`` (before the pastes: its segments,
+    checked) and ``finish_panoptic`` (after them: painted, its table): numpy arrays, for ``B``
+    images, ``K`` pastes and ``M`` existing segments at most per image.
+
+    - ``out``: the map painted, int16/int32/int64 ``[B, H, W]`` (the storage of ``map``)
+    - ``ids`` int64 ``[B, M]``: each image's existing segment ids, ascending (``count[b]`` of them,
+      then ``void``); ``count`` int64 ``[B]``; ``area`` int64 ``[B, M]``: their pixels before
+    - ``new`` int64 ``[B, K]``: the pastes' segment ids; ``thing`` bool ``[B, K]``
+    - ``lost`` int64 ``[B, M]``: pixels of each existing segment painted over (zero before)
+    - ``painted`` int64 ``[B, K]``: pixels each paste painted (zero before)
+    - ``missing`` int64 ``[B]``: the smallest painted-over id ``ids`` lacks (int64 max: none)
+    - ``void``: the schema's void id; ``map``: ``out`` as the tensor returned; ``labels``: the
+      pastes' class ids, int64 ``[B, K]``
+    """
+
+    out: np.ndarray
+    ids: np.ndarray
+    count: np.ndarray
+    area: np.ndarray
+    new: np.ndarray
+    thing: np.ndarray
+    lost: np.ndarray
+    painted: np.ndarray
+    missing: np.ndarray
+    void: int
+    map: torch.Tensor
+    labels: np.ndarray
+
+
 def paste_panoptic(panoptic, paste_masks, labels, schema, boxes=None, segments=None, out=None):
     """As ``instbank.paste.panoptic.paste_panoptic``, for CPU tensors, image by image: the map's
     segments are counted while it is copied into the output, or, with ``segments`` (``(ids, area)``
@@ -161,35 +211,59 @@ def paste_panoptic(panoptic, paste_masks, labels, schema, boxes=None, segments=N
     copied, or not even that when ``out`` is ``panoptic`` (in place); then each paste is painted
     inside ``boxes`` (float ``[B, K, 4]``, boxes holding the visible masks, e.g. their tight boxes;
     None: the whole image), counting what each segment loses."""
+    return finish_panoptic(prepare_panoptic(panoptic, labels, schema, segments, out), schema, paste_masks, boxes)
+
+
+def prepare_panoptic(panoptic, labels, schema, segments=None, out=None) -> PanopticPaint:
+    """Before the pastes are painted: the existing segments of each map (counted while the map is
+    copied into ``out``, or the given table's, ``segments`` ``(ids, area)`` int64 ``[B, M]``, the
+    map then copied unless ``out`` is ``panoptic``) and the pastes' new ids (``labels`` int
+    ``[B, K]``); raises the reference's ``ValueError`` on ids that break the schema, before
+    anything is painted."""
+    from instbank.paste import panoptic as spec
+
+    maps, out = spec.map_output(panoptic, out, "the numba kernel on CPU")
+    given = segments is not None
+    table_ids, table_area = (np.ascontiguousarray(t.numpy(), dtype=np.int64) for t in segments) if given else \
+        (_NO_TABLE, _NO_TABLE)
+    pastes = np.ascontiguousarray(labels.numpy(), dtype=np.int64)
+    *arrays, errors = _prepare(maps.numpy(), out.numpy(), out.data_ptr() == maps.data_ptr(), pastes,
+                               np.asarray(schema.thing_classes, np.int64), schema.label_divisor, schema.void_id, given,
+                               table_ids, table_area)
+    _raise(errors, schema, maps.dtype)
+    return PanopticPaint(out.numpy(), *arrays, schema.void_id, out, pastes)
+
+
+_NO_TABLE = np.zeros((0, 0), np.int64)
+
+
+def finish_panoptic(state: PanopticPaint, schema, paste_masks, boxes=None):
+    """Paint the pastes' visible masks (bool/uint8 ``[B, K, H, W]``, inside ``boxes`` float
+    ``[B, K, 4]``, None: the whole image) into a prepared map (``prepare_panoptic``); returns the
+    map and its ``panoptic.Segments``. Raises the reference's ``ValueError`` when a painted-over id
+    is not in a given table, or the pastes cover more of a segment than its given area."""
     from instbank.paste import panoptic as spec
 
     b, k, h, w = paste_masks.shape
-    maps, out = spec.map_output(panoptic, out, "the numba kernel on CPU")
-    flat, offset, strides = _planes(paste_masks if paste_masks.stride(-1) == 1 else paste_masks.contiguous())
+    planes, offset, strides = _planes(paste_masks if paste_masks.stride(-1) == 1 else paste_masks.contiguous())
     if boxes is None:
         boxes = torch.tensor([0, 0, w, h], dtype=torch.float32).expand(b, k, 4)
-    if segments is None:
-        table_ids = table_area = np.zeros((b, 0), np.int64)
-    else:
-        table_ids, table_area = (np.ascontiguousarray(t.numpy(), dtype=np.int64) for t in segments)
-    errors = np.zeros((len(_ERRORS), 5), np.int64)  # per kind, the first: found, image, value, paste/area, class/lost
-    ids, classes, is_thing, area, valid, m = _panoptic_batch(
-        maps.numpy(), out.numpy(), out.data_ptr() == maps.data_ptr(), flat, offset, strides,
-        np.ascontiguousarray(boxes.numpy(), dtype=np.float32), np.ascontiguousarray(labels.numpy(), dtype=np.int64),
-        np.asarray(schema.thing_classes, np.int64), schema.label_divisor, schema.void_id,
-        torch.iinfo(maps.dtype).max, segments is not None, table_ids, table_area, errors)
-    _raise(errors, schema, maps.dtype)
-    table = (torch.from_numpy(t) for t in (ids, classes, is_thing, area, valid))
-    return out, spec.Segments(*table, num_existing=int(m))
+    *table, errors = _paint_table(state.out, planes, offset, strides,
+                                  np.ascontiguousarray(boxes.numpy(), dtype=np.float32), state.new, state.void,
+                                  state.ids, state.count, state.area, state.lost, state.painted, state.missing,
+                                  state.labels, state.thing, np.asarray(schema.thing_classes, np.int64),
+                                  schema.label_divisor)
+    _raise(errors, schema, state.map.dtype)
+    return state.map, spec.Segments(*(torch.from_numpy(t) for t in table), num_existing=state.ids.shape[1])
 
 
-#: The errors ``_panoptic_batch`` records, in the order the reference checks them.
+#: The errors ``_prepare`` and ``_paint_table`` record, in the order the reference checks them.
 _ERRORS = ("negative area", "negative id", "overflow", "void", "dtype", "missing", "short")
 
 
 def _raise(errors: np.ndarray, schema, dtype) -> None:
     """Raise the reference's error (its checks' order, ``_ERRORS``) from the first of each kind
-    ``_panoptic_batch`` recorded (``found, image, value, paste or area, class or lost`` per row)."""
+    recorded (``found, image, value, paste or area, class or lost`` per row)."""
     from instbank.paste import panoptic as spec
 
     if not errors[:, 0].any():
@@ -213,25 +287,20 @@ def _raise(errors: np.ndarray, schema, dtype) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def _panoptic_batch(maps, out, in_place, flat, offset, strides, boxes, labels, things, divisor, void, id_max, given,
-                    table_ids, table_area, errors):  # pragma: no cover
-    """Image by image (its map still in cache when it is painted): its segments (``_count_image``
-    while copying ``maps[b]`` into ``out[b]``, or the ``given`` table merged by id, ``_merged``,
-    and the map copied unless ``in_place``); the first value breaking each check recorded in
-    ``errors`` (rows as ``_ERRORS``); the pastes' ids (``_paste_ids``); and, while nothing failed,
-    each paste painted inside its box (``_paint_box``), counting its area and what each segment
-    loses, the first rows of the next paste prefetched meanwhile. Returns the table's ``ids,
-    classes, is_thing, area, valid`` ``[B, M+K]`` and ``M``."""
-    b_count, h, w = maps.shape
-    k_count = labels.shape[1]
-    run_ids = np.empty(max(4 * w, 4096), maps.dtype)
-    run_starts = np.empty(max(4 * w, 4096), np.int64)
-    found_ids, found_remaining = [], []
-    paste_ids = np.zeros((b_count, k_count), np.int64)
+def _prepare(maps, out, in_place, labels, things, divisor, void, given, table_ids, table_area):  # pragma: no cover
+    """Image by image: its segments (``_count_image`` while copying ``maps[b]`` into ``out[b]``, or
+    the ``given`` table merged by id, ``_merged``, and the map copied unless ``in_place``), the
+    first value breaking each check recorded in ``errors`` (rows 0-4 of ``_ERRORS``) and the
+    pastes' ids (``_paste_ids``). Returns ``PanopticPaint``'s ``ids, count, area, new, thing, lost,
+    painted, missing`` and the errors."""
+    b_count, k_count = labels.shape
+    errors = np.zeros((len(_ERRORS), 5), np.int64)  # per kind, the first: found, image, value, paste/area, class/lost
+    id_max = np.iinfo(maps.dtype).max
+    runs = 0 if given else max(4 * maps.shape[2], 4096)  # _count_image's buffers
+    run_ids, run_starts = np.empty(runs, maps.dtype), np.empty(runs, np.int64)
+    found_ids, found_area = [], []
+    new = np.zeros((b_count, k_count), np.int64)
     thing = np.zeros((b_count, k_count), np.bool_)
-    area = np.zeros((b_count, k_count), np.int64)
-    missing = np.zeros(1, np.int64)
-    seen = np.empty(4, np.int64)  # ids counted in a row: 4 vector passes at most, then pixel by pixel
     m_count = 0
     for b in range(b_count):
         if given:
@@ -246,28 +315,56 @@ def _panoptic_batch(maps, out, in_place, flat, offset, strides, boxes, labels, t
                 errors[0, 0], errors[0, 1], errors[0, 2], errors[0, 3] = 1, b, ids[m], counts[m]
             if ids[m] < 0 and errors[1, 0] == 0:
                 errors[1, 0], errors[1, 1], errors[1, 2], errors[1, 3] = 1, b, ids[m], given
-        _paste_ids(b, ids, labels, things, divisor, void, id_max, paste_ids, thing, errors)
-        lost = np.zeros_like(counts)
+        _paste_ids(b, ids, labels, things, divisor, void, id_max, new, thing, errors)
         found_ids.append(ids)
-        found_remaining.append(counts)
-        if errors.any():
-            continue
-        missing[0] = np.iinfo(np.int64).max
-        planes = offset + b * strides[0]
-        image = out[b].reshape(-1)
+        found_area.append(counts)
+    ids = np.full((b_count, m_count), void, np.int64)
+    count = np.zeros(b_count, np.int64)
+    area = np.zeros((b_count, m_count), np.int64)
+    for b in range(b_count):
+        count[b] = found_ids[b].shape[0]
+        ids[b, : count[b]], area[b, : count[b]] = found_ids[b], found_area[b]
+    lost, missing = np.zeros((b_count, m_count), np.int64), np.full(b_count, np.iinfo(np.int64).max)
+    return ids, count, area, new, thing, lost, np.zeros((b_count, k_count), np.int64), missing, errors
+
+
+@numba.njit(cache=True, nogil=True)
+def _paint_table(out, planes, offset, strides, boxes, new, void, ids, count, area, lost, painted, missing, labels,
+                 thing, things, divisor):  # pragma: no cover
+    """Paint the pastes (``_paint_planes``), then ``panoptic.segment_table``'s arrays ``ids,
+    classes, is_thing, area, valid`` ``[B, M+K]`` from ``PanopticPaint``'s arrays, and the errors
+    (rows 5-6 of ``_ERRORS``: the first image with a missing id, the first segment losing more
+    than its area): one compiled call, as each call's arguments cost microseconds."""
+    _paint_planes(out, planes, offset, strides, boxes, new, void, ids, count, lost, painted, missing)
+    errors = np.zeros((len(_ERRORS), 5), np.int64)
+    b_count, k_count = new.shape
+    m_count = ids.shape[1]
+    table_ids = np.full((b_count, m_count + k_count), void, np.int64)
+    classes = np.full((b_count, m_count + k_count), -1, np.int64)
+    is_thing = np.zeros((b_count, m_count + k_count), np.bool_)
+    table_area = np.zeros((b_count, m_count + k_count), np.int64)
+    for b in range(b_count):
+        if missing[b] != np.iinfo(np.int64).max and errors[5, 0] == 0:
+            errors[5, 0], errors[5, 1], errors[5, 2] = 1, b, missing[b]
+        for m in range(count[b]):
+            if lost[b, m] > area[b, m] and errors[6, 0] == 0:
+                errors[6, 0], errors[6, 1], errors[6, 2] = 1, b, ids[b, m]
+                errors[6, 3], errors[6, 4] = area[b, m], lost[b, m]
+            c = ids[b, m] // divisor
+            table_ids[b, m], classes[b, m], table_area[b, m] = ids[b, m], c, area[b, m] - lost[b, m]
+            is_thing[b, m] = _is_thing(things, c)
         for k in range(k_count):
-            for j in range(0 if k == 0 else k + 1, min(k + 2, k_count)):  # the next paste's first rows
-                x0, x1, y0, y1 = _pixels(boxes[b, j], w, h)
-                _prefetch_rows(image, w, flat, planes + j * strides[1], strides[2], x0, x1, y0, min(y0 + AHEAD, y1))
-            area[b, k] = _paint_box(out[b], flat, planes + k * strides[1], strides[2], boxes[b, k], paste_ids[b, k], void,
-                                    ids, lost, missing, seen)
-        if missing[0] != np.iinfo(np.int64).max and errors[5, 0] == 0:
-            errors[5, 0], errors[5, 1], errors[5, 2] = 1, b, missing[0]
-        for m in range(ids.shape[0]):
-            if lost[m] > counts[m] and errors[6, 0] == 0:
-                errors[6, 0], errors[6, 1], errors[6, 2], errors[6, 3], errors[6, 4] = 1, b, ids[m], counts[m], lost[m]
-        found_remaining[b] = counts - lost
-    return _table(found_ids, found_remaining, m_count, paste_ids, labels, thing, area, things, divisor, void)
+            table_ids[b, m_count + k], classes[b, m_count + k] = new[b, k], labels[b, k]
+            is_thing[b, m_count + k], table_area[b, m_count + k] = thing[b, k], painted[b, k]
+    return table_ids, classes, is_thing, table_area, table_area > 0, errors
+
+
+@numba.njit(cache=True, nogil=True)
+def _is_thing(things, class_id):  # pragma: no cover
+    for c in things:
+        if c == class_id:
+            return True
+    return False
 
 
 @numba.njit(cache=True, nogil=True)
@@ -293,7 +390,7 @@ def _paste_ids(b, ids, labels, things, divisor, void, id_max, paste_ids, thing, 
     each is a thing into ``thing[b]``, recording errors (rows 2-4 of ``_ERRORS``)."""
     for k in range(labels.shape[1]):
         c = labels[b, k]
-        thing[b, k] = _slot(things, c) >= 0
+        thing[b, k] = _is_thing(things, c)
         instance = 0
         if thing[b, k]:
             top = 0
@@ -314,44 +411,24 @@ def _paste_ids(b, ids, labels, things, divisor, void, id_max, paste_ids, thing, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _table(found_ids, found_remaining, m_count, paste_ids, labels, thing, area, things, divisor,
-           void):  # pragma: no cover
-    """``panoptic.segment_table``'s arrays ``ids, classes, is_thing, area, valid`` ``[B, M+K]`` and
-    ``M`` from each image's segments and remaining areas and the pastes' ids, labels, thing flags
-    and areas."""
-    b_count, k_count = paste_ids.shape
-    ids = np.full((b_count, m_count + k_count), void, np.int64)
-    classes = np.full((b_count, m_count + k_count), -1, np.int64)
-    is_thing = np.zeros((b_count, m_count + k_count), np.bool_)
-    table_area = np.zeros((b_count, m_count + k_count), np.int64)
-    for b in range(b_count):
-        for m in range(found_ids[b].shape[0]):
-            c = found_ids[b][m] // divisor
-            ids[b, m], classes[b, m], table_area[b, m] = found_ids[b][m], c, found_remaining[b][m]
-            is_thing[b, m] = _slot(things, c) >= 0
-        for k in range(k_count):
-            ids[b, m_count + k], classes[b, m_count + k] = paste_ids[b, k], labels[b, k]
-            is_thing[b, m_count + k], table_area[b, m_count + k] = thing[b, k], area[b, k]
-    return ids, classes, is_thing, table_area, table_area > 0, m_count
-
-
-@numba.njit(cache=True, nogil=True)
 def _count_image(image, out, void, run_ids, run_starts):  # pragma: no cover
     """Copy ``image`` ``[H, W]`` into ``out`` and count its distinct ids (void excluded): ``(ids
     ascending, counts)``.
 
-    Rows are copied and cut into runs of one id by ``_runs`` (a compare per pixel and no other
-    state: with the hash table in the same loop numba's code was 10x slower); each run is then
-    counted in a hash table (open addressing). About 0.1 ms per 512^2 map on the development VM,
-    the copy alone 0.03.
+    Rows are copied and cut into runs of one id by ``_runs`` (compares and no other state: with
+    the hash table in the same loop numba's code was 10x slower); each run is then counted in a
+    hash table (open addressing). Per 512^2 int32 map of the benchmark's (900 runs) on the
+    development VM: 0.07 ms in place (nothing written), 0.09 ms copied (the copy alone 0.04, at
+    the memory's speed).
     """
     h, w = image.shape
+    copy = image.ctypes.data != out.ctypes.data  # counted in place: nothing written
     keys, tally, used = np.zeros(64, np.int64), np.zeros(64, np.int64), np.zeros(64, np.bool_)
     size, y = 0, 0
     current, start = (image[0, 0], 0) if h * w else (image.dtype.type(void), 0)
     last = current
     while y < h:
-        y, last, count = _runs(image, out, y, last, run_ids, run_starts)
+        y, last, count = _runs(image, out, copy, y, last, run_ids, run_starts)
         for i in range(count + (y == h)):
             following, at = (run_ids[i], run_starts[i]) if i < count else (last, h * w)
             if current != void:
@@ -364,24 +441,48 @@ def _count_image(image, out, void, run_ids, run_starts):  # pragma: no cover
     return found[order], tally[used][order]
 
 
+#: Pixels of a row compared with their left neighbours in one vector step by ``_runs``.
+BLOCK = 16
+
+
 @numba.njit(cache=True, nogil=True)
-def _runs(image, out, y, last, run_ids, run_starts):  # pragma: no cover
-    """Copy rows ``y..`` of ``image`` ``[H, W]`` into ``out`` while the run buffers have room for
-    one more row, recording where each new run starts (flat index) and its id; ``last``: the id of
-    the run in progress. Returns the next row, the id in progress and the runs recorded."""
+def _runs(image, out, copy, y, last, run_ids, run_starts):  # pragma: no cover
+    """Rows ``y..`` of ``image`` ``[H, W]`` (copied into ``out`` when ``copy``) while the run buffers
+    have room for one more row, recording where each new run starts (flat index) and its id;
+    ``last``: the id of the run in progress. Returns the next row, the id in progress and the runs
+    recorded.
+
+    A block of ``BLOCK`` pixels is first compared with its left neighbours without a branch per
+    pixel; only a block with an edge is walked pixel by pixel (5% of the blocks of the
+    benchmark's maps: a row crosses a few segment edges): 0.047 ms per 512^2 int32 map, against
+    0.063 walking every pixel."""
     h, w = image.shape
     count = 0
     while y < h and count <= run_ids.shape[0] - w:
-        src, dst = image[y], out[y]
-        base = y * w
-        for x in range(w):
-            value = src[x]
-            dst[x] = value
-            if value != last:
-                run_ids[count] = value
-                run_starts[count] = base + x
+        src = image[y]
+        base, x, one = y * w, np.uint64(0), np.uint64(1)
+        block, width = np.uint64(BLOCK), np.uint64(w)
+        if copy:  # unsigned indices: vectorised (0.09 ms per map copied and counted, 0.11 signed)
+            dst = out[y]
+            while x < width:
+                dst[x] = src[x]
+                x += one
+            x = np.uint64(0)
+        while x + block <= width:
+            edge = src[x] != last
+            for j in range(1, BLOCK):  # unsigned indices: no wraparound test per pixel
+                at = x + np.uint64(j)
+                edge |= src[at] != src[at - one]
+            if edge:
+                for j in range(int(x), int(x) + BLOCK):
+                    if src[j] != last:
+                        run_ids[count], run_starts[count], last = src[j], base + j, src[j]
+                        count += 1
+            x += block
+        for j in range(int(x), w):
+            if src[j] != last:
+                run_ids[count], run_starts[count], last = src[j], base + j, src[j]
                 count += 1
-                last = value
         y += 1
     return y, last, count
 
@@ -450,14 +551,16 @@ def _paint_box(image, flat, plane, row_stride, box, new, void, ids, lost, missin
     in ``lost`` what each segment (``ids``, ascending) loses; an id not in ``ids`` lowers
     ``missing[0]`` to it. Returns the pixels painted.
 
-    Row by row with branch-free (vectorised) loops: how many set pixels hold ``ref``, the id under
-    the last set pixel of the row before; when not all of them (12% of the rows of the
-    benchmark's pastes: a segment's edge), the same count for the id of the first pixel left
-    over, up to ``seen.shape[0]`` ids (``_count_other``); then one masked store paints the row.
+    Row by row with branch-free (vectorised) loops: how many set pixels hold each of two
+    reference ids ``a`` and ``b`` (a row crossing one segment edge holds two ids), and the
+    largest id of the others; when there are others (4% of the rows of the benchmark's pastes),
+    they are counted largest first (``_count_rest``) and the largest replaces the reference with
+    fewer pixels in the row; then one masked store paints the row.
 
-    Measured per image on the benchmark's pastes (hard, synthetic), hot: 0.022 ms, against 0.050-
-    0.058 for the run-by-run loop this replaces (a branch per pixel, a binary search per run of
-    one id: ~640 runs and ~1300 mask edges per image). What it took:
+    Measured per image on the benchmark's pastes (hard, synthetic; 600 rows of 56 pixels on
+    average), hot: 0.015 ms, against 0.022 with one reference id (12% of the rows then needed
+    a scalar scan for the first other id, 120 ns each) and 0.050-0.058 for the run-by-run loop
+    before (a branch per pixel, a binary search per run of one id). What it took:
 
     - no array views and no helper calls in the row loop: each view numba makes (a row, a slice)
       and each call taking arrays is an atomic reference count up and down per array, which
@@ -467,40 +570,55 @@ def _paint_box(image, flat, plane, row_stride, box, new, void, ids, lost, missin
     - the row loop here, not in a function per row (0.07-0.09 ms: numba did not inline it);
     - rows ``AHEAD`` below prefetched, and the next paste's first rows (the map comes cold from
       the caller, the mask planes were written a batch earlier): 0.028-0.032 ms per image with
-      the caches evicted first, against 0.039-0.046 without."""
+      the caches evicted first, against 0.039-0.046 without (with one reference id)."""
     x0, x1, y0, y1 = _pixels(box, image.shape[1], image.shape[0])
     pixels, w = image.reshape(-1), image.shape[1]
-    value = pixels.dtype.type(new)
-    ref, ref_slot = pixels.dtype.type(void), -1
+    kind = pixels.dtype.type
+    value, top = kind(new), kind(np.iinfo(pixels.dtype).max)
+    a = kind(void)  # void and its neighbour: two distinct ids to start with
+    b = kind(void + 1) if kind(void) < top else kind(void - 1)
+    slot_a, slot_b = _ref_slot(a, void, ids), _ref_slot(b, void, ids)
     one, n = np.uint64(1), np.uint64(max(x1 - x0, 0))
     step = max(64 // pixels.itemsize, 1)
     painted = 0
     for y in range(y0, y1):
-        if y + AHEAD < y1:  # written out: a helper's call counts its arrays' references
-            for x in range((y + AHEAD) * w + x0, (y + AHEAD) * w + x1, step):
+        if y + AHEAD < y1:  # written out (a helper's call counts its arrays' references), and as while
+            # loops: a range with a step divides to find its length, twice per row
+            x, end = (y + AHEAD) * w + x0, (y + AHEAD) * w + x1
+            while x < end:
                 _prefetch_write(pixels, np.uint64(x))
-            for x in range(plane + (y + AHEAD) * row_stride + x0, plane + (y + AHEAD) * row_stride + x1, 64):
+                x += step
+            x, end = plane + (y + AHEAD) * row_stride + x0, plane + (y + AHEAD) * row_stride + x1
+            while x < end:
                 _prefetch_read(flat, np.uint64(x))
+                x += 64
         row, mask = np.uint64(y * w + x0), np.uint64(plane + y * row_stride + x0)
-        count, same, i = 0, 0, np.uint64(0)
+        count, same_a, same_b, i = 0, 0, 0, np.uint64(0)
         while i < n:
+            v = pixels[row + i]
             hit = flat[mask + i] != 0
             count += hit
-            same += hit & (pixels[row + i] == ref)
+            same_a += hit & (v == a)
+            same_b += hit & (v == b)
             i += one
         if count == 0:
             continue
         painted += count
-        if ref_slot >= 0:
-            lost[ref_slot] += same
-        if same < count:
-            seen[0] = ref
-            _count_other(pixels, row, flat, mask, n, count - same, void, ids, lost, missing, seen)
-            last = n - one
-            while flat[mask + last] == 0:
-                last -= one
-            ref = pixels[row + last]
-            ref_slot = -1 if ref == void else _slot(ids, ref)
+        if same_a > 0 and slot_a >= 0:
+            lost[slot_a] += same_a
+        elif same_a > 0 and slot_a == -1:
+            missing[0] = min(missing[0], a)
+        if same_b > 0 and slot_b >= 0:
+            lost[slot_b] += same_b
+        elif same_b > 0 and slot_b == -1:
+            missing[0] = min(missing[0], b)
+        if count > same_a + same_b:
+            other = _count_rest(pixels, row, flat, mask, n, count - same_a - same_b, a, b, void, ids, lost, missing,
+                                seen)
+            if same_a < same_b:
+                a, slot_a = other, _ref_slot(other, void, ids)
+            else:
+                b, slot_b = other, _ref_slot(other, void, ids)
         i = np.uint64(0)
         while i < n:
             pixels[row + i] = value if flat[mask + i] != 0 else pixels[row + i]
@@ -509,47 +627,49 @@ def _paint_box(image, flat, plane, row_stride, box, new, void, ids, lost, missin
 
 
 @numba.njit(cache=True, nogil=True)
-def _count_other(pixels, row, flat, mask, n, left, void, ids, lost, missing, seen):  # pragma: no cover
+def _count_rest(pixels, row, flat, mask, n, left, a, b, void, ids, lost, missing, seen):  # pragma: no cover
     """Count into ``lost`` the ``left`` set pixels of a row (``pixels[row + i]`` where
-    ``flat[mask + i]`` is set, ``i < n``, all unsigned) whose id is not ``seen[0]`` (counted
-    already): the id of the first such pixel, then its count in one branch-free pass, for up to
-    ``seen.shape[0] - 1`` ids; what remains, pixel by pixel. A missing id lowers ``missing[0]``."""
-    one, found = np.uint64(1), 1
-    while left > 0:
-        if found == seen.shape[0]:  # many ids in one row: pixel by pixel
-            i = np.uint64(0)
-            while i < n:
-                if flat[mask + i] != 0 and _first(pixels[row + i], seen, found) == found:
-                    _lose(pixels[row + i], 1, void, ids, lost, missing)
-                i += one
-            return
-        i = np.uint64(0)
-        while True:  # the first set pixel of an id not seen: one is there (left > 0)
-            if flat[mask + i] != 0:
-                value, j = pixels[row + i], 0
-                while j < found and seen[j] != value:
-                    j += 1
-                if j == found:
-                    break
+    ``flat[mask + i]`` is set, ``i < n``, all unsigned) whose id is neither ``a`` nor ``b``: the id
+    of the first such pixel, then its count in one branch-free pass, for up to ``seen.shape[0]``
+    ids (kept in ``seen``); what remains, pixel by pixel. A missing id lowers ``missing[0]``.
+    Returns the first id counted."""
+    one, start = np.uint64(1), np.uint64(0)  # no pixel before start holds an id not counted
+    for found in range(seen.shape[0]):
+        i = start
+        while flat[mask + i] == 0 or _counted(pixels[row + i], a, b, seen, found):
             i += one
-        other, count = pixels[row + i], 0
-        i = np.uint64(0)
-        while i < n:
+        other, count, start = pixels[row + i], 0, i + one
+        while i < n:  # (none of its pixels lies before i)
             count += (flat[mask + i] != 0) & (pixels[row + i] == other)
             i += one
         _lose(other, count, void, ids, lost, missing)
         seen[found] = other
-        found += 1
         left -= count
+        if left == 0:
+            return seen[0]
+    i = start
+    while i < n:  # many ids in one row: pixel by pixel
+        if flat[mask + i] != 0 and not _counted(pixels[row + i], a, b, seen, seen.shape[0]):
+            _lose(pixels[row + i], 1, void, ids, lost, missing)
+        i += one
+    return seen[0]
 
 
 @numba.njit(cache=True, nogil=True)
-def _first(value, seen, found):  # pragma: no cover
-    """The index of ``value`` among ``seen[:found]``, ``found`` when absent."""
-    for i in range(found):
-        if seen[i] == value:
-            return i
-    return found
+def _counted(value, a, b, seen, found):  # pragma: no cover
+    """Whether ``value`` is ``a``, ``b`` or among ``seen[:found]``."""
+    if value == a or value == b:
+        return True
+    for j in range(found):
+        if seen[j] == value:
+            return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _ref_slot(segment, void, ids):  # pragma: no cover
+    """A reference id's row in ``ids``: -2 for ``void`` (not counted), -1 when ``ids`` lacks it."""
+    return -2 if segment == void else _slot(ids, segment)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -575,6 +695,29 @@ def _slot(ids, value):  # pragma: no cover
         else:
             hi = mid
     return lo if lo < ids.shape[0] and ids[lo] == value else -1
+
+
+
+@numba.njit(cache=True, nogil=True)
+def _paint_planes(out, flat, offset, strides, boxes, new, void, ids, count, lost, painted, missing):  # pragma: no cover
+    """Paint each paste's id ``new[b, k]`` into ``out`` ``[B, H, W]`` where its mask plane is set
+    inside ``boxes[b, k]`` (float ``[B, K, 4]``), image by image (its map still in cache), the
+    first rows of the next paste prefetched meanwhile (``_paint_box``). The planes ``[B, K, H, W]``
+    are the storage ``flat`` (uint8) with ``offset`` and ``strides``; ``ids``, ``count``, ``lost``,
+    ``painted`` and ``missing`` are ``PanopticPaint``'s."""
+    b_count, h, w = out.shape
+    k_count = new.shape[1]
+    seen = np.empty(4, out.dtype)  # ids of a row beyond its two references: 4 vector passes, then pixel by pixel
+    for b in range(b_count):
+        planes = offset + b * strides[0]
+        image = out[b].reshape(-1)
+        known = ids[b, : count[b]]
+        for k in range(k_count):
+            for j in range(0 if k == 0 else k + 1, min(k + 2, k_count)):  # the next paste's first rows
+                x0, x1, y0, y1 = _pixels(boxes[b, j], w, h)
+                _prefetch_rows(image, w, flat, planes + j * strides[1], strides[2], x0, x1, y0, min(y0 + AHEAD, y1))
+            painted[b, k] = _paint_box(out[b], flat, planes + k * strides[1], strides[2], boxes[b, k], new[b, k], void,
+                                       known, lost[b], missing[b : b + 1], seen)
 
 
 # ------------------------------------------------------------------------------------------------

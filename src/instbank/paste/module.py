@@ -224,7 +224,8 @@ class BankCopyPaste(nn.Module):
     ``return_masks=False`` leaves ``masks`` and ``paste_masks`` out (semantic segmentation needs
     only the images and the map; on CPU no ``[B, K, H, W]`` planes are then made, 17 MB for a
     batch of 8 at 512^2 with K = 8); the rest is unchanged. ``inplace=True`` paints the pastes
-    into ``images`` and ``semantic`` themselves (returned as ``images`` and ``semantic``): on CPU
+    into ``images``, ``semantic`` and ``panoptic`` themselves (returned as ``images``, ``semantic``
+    and ``panoptic``): on CPU
     the pixels no paste reaches are then not copied (for a caller that drops its inputs anyway,
     such as a loader's freshly made batch).
 
@@ -239,8 +240,8 @@ class BankCopyPaste(nn.Module):
     segments then the ``K`` pastes, aligned with ``masks[:, N:]``). ``segments`` given to
     ``forward`` is the existing segments' table (a ``Segments``, ``(ids, area)`` ``[B, M]``, or
     COCO ``segments_info`` lists: ``panoptic.given_segments``): the map is then not counted.
-    ``panoptic_out`` (like ``panoptic``) receives the painted map; ``panoptic_out=panoptic`` paints
-    in place (on CPU only the pastes' pixels are then written).
+    ``panoptic_out`` (like ``panoptic``) receives the painted map; ``panoptic_out=panoptic``, or
+    ``inplace=True``, paints in place (on CPU only the pastes' pixels are then written).
 
     With in-batch objects (``config.in_batch > 0``): ``source_image`` int64 ``[B]`` and
     ``source_instance`` int64 ``[B, K]`` (the instance of ``source_image`` each paste slot took, -1
@@ -291,12 +292,20 @@ class BankCopyPaste(nn.Module):
             check_keypoints(keypoints, b, existing.labels.shape[1])
         if panoptic is not None or segments is not None or panoptic_out is not None:
             _check_panoptic(panoptic, self.config, b, h, w, segments, panoptic_out)
+        # inplace paints the map as well; a map of other strides is painted as a copy, copied back
+        map_back = inplace and panoptic is not None and panoptic_out is None and not panoptic.is_contiguous()
+        if inplace and panoptic is not None and panoptic_out is None and not map_back:
+            panoptic_out = panoptic
         impl = resolve_impl(self.config.impl, images)
         staged, origin = self._stage(images, existing, keypoints, generator, impl)
         plan = self.source.draw(staged.geometry, (h, w), generator, padding_mask, images.device)
         paste_plan = StagedPaste(plan, staged.crops.to(images.device, non_blocking=True))
         on_cpu = all(t is None or t.device.type == "cpu" for t in (images, existing.masks, semantic, padding_mask))
         rects = on_cpu and existing.masks.dtype in (torch.bool, torch.uint8) and impl in ("numba", "torch")
+        # a panoptic map's ids are checked before the pastes: a bad map leaves images painted in
+        # place as they were
+        known = None if panoptic is None else _existing_segments(panoptic, plan.labels, self.config.panoptic,
+                                                                 segments, panoptic_out, impl)
         if rects:
             # keypoints and panoptic maps are placed with the pastes' visible masks
             with_masks = return_masks or keypoints is not None or staged.keypoints is not None or panoptic is not None
@@ -328,10 +337,12 @@ class BankCopyPaste(nn.Module):
             _check_keypoint_count(keypoints, staged.keypoints)
             flip = _keypoint_flip(keypoint_flip, staged, keypoints)
             result["keypoints"], result["keypoints_dropped"] = _paste_keypoints(
-                keypoints, staged.keypoints, flip, plan, pasted.masks, padding_mask, impl, existing.labels.shape[1])
+                keypoints, staged.keypoints, flip, plan, pasted, padding_mask, impl, existing.labels.shape[1])
         if panoptic is not None:
             result["panoptic"], result["segments"] = _paste_panoptic(panoptic, pasted, self.config.panoptic, impl,
-                                                                     segments, panoptic_out)
+                                                                     known, panoptic_out)
+        if map_back:
+            result["panoptic"] = panoptic.copy_(result["panoptic"])
         if origin is not None:
             result["source_image"], result["source_instance"] = origin
         return result
@@ -454,12 +465,15 @@ def _keypoint_flip(given, staged: Staged, keypoints) -> torch.Tensor:
     if staged.keypoint_flip is None:
         raise ValueError("keypoint_flip is needed to flip pasted keypoints (no bank batch carries one): pass "
                          f"keypoint_flip=[...] of length J={j} (list(range(J)) when the skeleton has no pairs)")
-    BankBatch.check_keypoint_flip(staged.keypoint_flip, j, "BankBatch.keypoint_flip")
+    if tuple(staged.keypoint_flip.shape) != (j,):  # a permutation: BankBatch checked it
+        raise ValueError(f"BankBatch.keypoint_flip must be [J={j}], got {tuple(staged.keypoint_flip.shape)}")
     return staged.keypoint_flip
 
 
-def _paste_keypoints(keypoints, crop_keypoints, flip, plan: PastePlan, paste_masks, padding_mask, impl: str, n: int):
-    """``keypoints`` ``[B, N+K, J, 3]`` and ``keypoints_dropped`` ``[B]`` (``instbank.paste.keypoints``)."""
+def _paste_keypoints(keypoints, crop_keypoints, flip, plan: PastePlan, pasted: Instances, padding_mask, impl: str,
+                     n: int):
+    """``keypoints`` ``[B, N+K, J, 3]`` and ``keypoints_dropped`` ``[B]`` (``instbank.paste.keypoints``),
+    placed with the pastes' visible masks (``pasted``)."""
     from instbank.paste import keypoints as spec
 
     b, k = plan.apply.shape
@@ -468,8 +482,13 @@ def _paste_keypoints(keypoints, crop_keypoints, flip, plan: PastePlan, paste_mas
     if crop_keypoints is None:
         crop_keypoints = torch.zeros((b, k, j, 3), dtype=torch.float32, device=dev)
     theirs = torch.zeros((b, n, j, 3), device=dev) if keypoints is None else keypoints.to(dev, torch.float32)
+    if impl == "numba":  # its masks' tight boxes tell where to read them
+        from instbank.paste import cpu_targets
+
+        return cpu_targets.keypoints_after_paste(theirs, crop_keypoints, flip, plan, pasted.masks, padding_mask,
+                                                 pasted.boxes)
     run = _target_impl(impl, spec).keypoints_after_paste
-    return run(theirs, crop_keypoints.to(dev), flip.to(dev), plan, paste_masks, padding_mask)
+    return run(theirs, crop_keypoints.to(dev), flip.to(dev), plan, pasted.masks, padding_mask)
 
 
 def _check_panoptic(panoptic, config: CopyPasteConfig, b: int, h: int, w: int, segments, out) -> None:
@@ -486,17 +505,30 @@ def _check_panoptic(panoptic, config: CopyPasteConfig, b: int, h: int, w: int, s
                          f"{panoptic.device}), got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
-def _paste_panoptic(panoptic, pasted: Instances, schema, impl: str, segments=None, out=None):
-    """The painted map and its ``Segments`` (``instbank.paste.panoptic``); ``segments``: the
-    existing segments' table as the caller gives it; ``out``: where the map goes."""
+def _existing_segments(panoptic, labels, schema, segments, out, impl: str):
+    """A panoptic map's existing segments, checked, before the pastes: ``cpu_targets.PanopticPaint``
+    for ``impl`` numba (the map copied into ``out`` meanwhile), else ``(table,
+    panoptic.existing_segments(...))``; ``segments``: the existing segments' table as the caller
+    gives it."""
     from instbank.paste import panoptic as spec
 
-    b = panoptic.shape[0]
-    table = None if segments is None else spec.given_segments(segments, schema, b, panoptic.device)
+    table = None if segments is None else spec.given_segments(segments, schema, panoptic.shape[0], panoptic.device)
     if impl == "numba":
         from instbank.paste import cpu_targets
 
-        return cpu_targets.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, pasted.boxes, table, out)
+        return cpu_targets.prepare_panoptic(panoptic, labels, schema, table, out)
+    return table, spec.existing_segments(panoptic, labels.to(panoptic.device), schema, table)
+
+
+def _paste_panoptic(panoptic, pasted: Instances, schema, impl: str, known, out=None):
+    """The painted map and its ``Segments`` (``instbank.paste.panoptic``); ``known``: what
+    ``_existing_segments`` returned; ``out``: where the map goes."""
+    from instbank.paste import panoptic as spec
+
+    if impl == "numba":
+        from instbank.paste import cpu_targets
+
+        return cpu_targets.finish_panoptic(known, schema, pasted.masks, pasted.boxes)
     paint = paint_semantic
     if impl == "triton":
         from instbank.paste import triton_targets
@@ -504,7 +536,9 @@ def _paste_panoptic(panoptic, pasted: Instances, schema, impl: str, segments=Non
         def paint(source, masks, ids):
             return triton_targets.paint_map(source, masks, ids, out=out)
 
-    return spec.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, paint=paint, segments=table, out=out)
+    table, existing = known
+    return spec.paste_panoptic(panoptic, pasted.masks, pasted.labels, schema, paint=paint, segments=table, out=out,
+                               existing=existing)
 
 
 def _existing_instances(masks, boxes, labels, valid, b, h, w, device) -> Instances:
