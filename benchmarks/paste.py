@@ -59,10 +59,11 @@ level difference, masks equal) is printed beside the times.
 keypoints (17 per instance: synthetic, at random pixels of each existing instance's mask, and on
 random alpha pixels of each bank crop, COCO's person flip), with a panoptic map (each existing
 instance a thing segment, the rest one stuff segment, ``PanopticSchema`` with divisor 1000)
-counted (``panoptic``), with its segments table given (``pan+table``: ``segments=(ids, area)``,
-made once outside the timed runs, as a data set's ``segments_info``), and with the table given
-and painted in place (``pan+inplace``: ``panoptic_out=panoptic``, a fresh copy of the map per
-call made beforehand), with keypoints and the map in place (``both``), and with in-batch objects
+counted (``panoptic``), counted and painted in place (``pan+ip,count``: ``panoptic_out=panoptic``,
+as ``inplace=True`` paints it, a fresh copy of the map per call made beforehand), with its
+segments table given (``pan+table``: ``segments=(ids, area)``, made once outside the timed runs,
+as a data set's ``segments_info``), and with the table given and painted in place
+(``pan+inplace``), with keypoints and the map in place (``both``), and with in-batch objects
 (``in_batch=1``: the objects of the other images of the batch, ``in_batch=0.5``: mixed with the
 bank's). The rows take turns within each round as in (a); the overhead is the median over the
 rounds of (row / masks only - 1).
@@ -389,11 +390,13 @@ def segments_of(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, area
 
 
-#: Rows of (c): (keypoints, panoptic map: None, "counted", "table" or "in place", in_batch).
+#: Rows of (c): (keypoints, panoptic map: None, "counted", "counted in place", "table" or "in place",
+#: in_batch).
 TARGET_ROWS = {
     "masks": (False, None, 0.0),
     "keypoints": (True, None, 0.0),
     "panoptic": (False, "counted", 0.0),
+    "pan+ip,count": (False, "counted in place", 0.0),
     "pan+table": (False, "table", 0.0),
     "pan+inplace": (False, "in place", 0.0),
     "both": (True, "in place", 0.0),
@@ -402,17 +405,21 @@ TARGET_ROWS = {
 }
 
 
+IN_PLACE = ("counted in place", "in place")
+
+
 def targets_cpu(batches, staged, blend, extra: str, schema, calls: int):
     """A function running ``BankCopyPaste`` (numba) on every batch with the targets of row
     ``extra`` (``TARGET_ROWS``). A panoptic map is ``counted`` (no table given, a new map
-    returned), given with its ``table`` (a new map returned), or given with its table and painted
-    ``in place``: each of the ``calls`` calls paints a fresh copy of each batch's map, made
-    beforehand (as a training loop gets a new batch at each step, not yet in the cache)."""
+    returned), counted and painted in place (``counted in place``), given with its ``table`` (a
+    new map returned), or given with its table and painted ``in place``: in place, each of the
+    ``calls`` calls paints a fresh copy of each batch's map, made beforehand (as a training loop
+    gets a new batch at each step, not yet in the cache)."""
     points, maps, in_batch = TARGET_ROWS[extra]
     module = BankCopyPaste(CopyPasteConfig(scale_range=SCALE_RANGE, max_upscale=None, blend=blend,
                                            sigma_range=SIGMA_RANGE, impl="numba", panoptic=schema, in_batch=in_batch))
     generator = torch.Generator().manual_seed(0)
-    fresh = [[batch[6].clone() for batch in batches] for _ in range(calls)] if maps == "in place" else None
+    fresh = [[batch[6].clone() for batch in batches] for _ in range(calls)] if maps in IN_PLACE else None
     used = []  # freeing the caller's maps is the caller's cost (its data pipeline's), not the paste's
 
     def run():
@@ -426,6 +433,8 @@ def targets_cpu(batches, staged, blend, extra: str, schema, calls: int):
                 extra_args = {"panoptic": panoptic}
             elif maps == "table":
                 extra_args = {"panoptic": panoptic, "segments": table}
+            elif maps == "counted in place":  # the map only: images as in the other rows
+                extra_args = {"panoptic": own[i], "panoptic_out": own[i]}
             elif maps == "in place":
                 extra_args = {"panoptic": own[i], "segments": table, "panoptic_out": own[i]}
             module(images, masks, boxes, labels, valid, generator=generator, keypoints=keypoints if points else None,
@@ -443,7 +452,7 @@ def targets_table(args, bank, source: str, targets: Targets) -> None:
     schema = PanopticSchema(thing_classes=(1,))
     print(f"(c) targets beyond masks, CPU (numba): {targets.what}; K={k}; {source}")
     print(f"    ms per image, median of {args.repeats} rounds; overhead = median of (row / masks only - 1)")
-    print(f"    {'blend':9s} {'B':>2s} {'targets':11s} {'cpu':>7s} {'(wall)':>7s} {'overhead':>9s}")
+    print(f"    {'blend':9s} {'B':>2s} {'targets':12s} {'cpu':>7s} {'(wall)':>7s} {'overhead':>9s}")
     extras = tuple(TARGET_ROWS)
     for blend in ("hard", "gaussian"):
         runs = {}
@@ -463,7 +472,7 @@ def targets_table(args, bank, source: str, targets: Targets) -> None:
             base = times["masks", batch]
             over = statistics.median(o[1] / m[1] - 1 for o, m in zip(ours, base))
             shown = "" if extra == "masks" else f"{100 * over:+8.1f}%"
-            print(f"    {blend:9s} {batch:2d} {extra:11s} {cpu:7.2f} {wall:7.2f} {shown:>9s}")
+            print(f"    {blend:9s} {batch:2d} {extra:12s} {cpu:7.2f} {wall:7.2f} {shown:>9s}")
 
 
 def targets_section(args, bank, source: str) -> None:

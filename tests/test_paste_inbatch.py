@@ -101,6 +101,21 @@ def test_numba_matches_reference(n):
     assert ref[..., 3, :, :].float().mean() > 20  # objects were cut: not vacuous
 
 
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31), st.integers(2, 40), st.sampled_from(inbatch.SAMPLING_RATIOS), st.integers(6, 61),
+       st.integers(6, 61))
+def test_numba_separable_resample_matches_reference(seed, s, n, h, w):
+    """The numba twin sums each source row's taps once per crop (separable) in the reference's
+    integers: the same bytes for crops larger and smaller than their objects, objects at the
+    image's edges (taps clamped, mask weights zero outside), odd sizes."""
+    pytest.importorskip("numba")
+    from instbank.paste import cpu_targets
+
+    images, masks, _, draw, geometry = objects(seed, b=2, n=3, k=3, s=s, h=h, w=w)
+    ref = inbatch.resample_objects(images, masks, draw, geometry, s, n)
+    assert torch.equal(ref, cpu_targets.resample_objects(images, masks, draw, geometry, s, n))
+
+
 @pytest.mark.parametrize("n", inbatch.SAMPLING_RATIOS)
 def test_triton_matches_reference(n):
     kernels = triton_targets()

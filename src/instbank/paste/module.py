@@ -369,15 +369,18 @@ class BankCopyPaste(nn.Module):
         draw = inbatch.draw_sources(valid, k, generator)
         boxes = existing.boxes if existing.boxes is not None else boxes_from_masks(existing.masks)[0]
         geometry = inbatch.object_geometry(boxes, draw, s)
-        pixels = inbatch.as_uint8(images, default_value_range(images.dtype, cfg.value_range))
-        resample = _target_impl(impl, inbatch).resample_objects
-        planes = existing.masks if existing.masks.dtype in (torch.bool, torch.uint8) else existing.masks != 0
-        crops = resample(pixels, planes, draw, geometry, s, cfg.sampling_ratio)
-        objects = Staged(crops, inbatch.crop_geometry(geometry, existing.labels, draw, s),
-                         None if keypoints is None else inbatch.crop_keypoints(keypoints, geometry, draw))
         taken = draw.source_instance >= 0
         if bank is not None:
             taken &= torch.rand((b, k), generator=generator, device=taken.device) < cfg.in_batch
+        pixels = inbatch.as_uint8(images, default_value_range(images.dtype, cfg.value_range))
+        resample = _target_impl(impl, inbatch).resample_objects
+        planes = existing.masks if existing.masks.dtype in (torch.bool, torch.uint8) else existing.masks != 0
+        # only the slots that take an object are resampled (a bank crop fills the others)
+        cut = draw if bank is None else draw._replace(source_instance=torch.where(taken, draw.source_instance, -1))
+        crops = resample(pixels, planes, cut, geometry, s, cfg.sampling_ratio)
+        objects = Staged(crops, inbatch.crop_geometry(geometry, existing.labels, draw, s),
+                         None if keypoints is None else inbatch.crop_keypoints(keypoints, geometry, draw))
+        if bank is not None:
             objects = _mix(taken, objects, bank, images.device)
         origin = (draw.source_image, torch.where(taken, draw.source_instance, -1))
         return objects, origin
