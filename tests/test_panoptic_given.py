@@ -29,10 +29,12 @@ H, W = 37, 53
 
 def random_case(seed: int, b: int, k: int, dtype, stripes: bool):
     """``(maps [B, H, W], masks [B, K, H, W] disjoint, labels [B, K])``: maps of random rectangles
-    of ids (things of classes 1-3, stuff classes 4-5, void), or of 1-3 px vertical stripes of 12
-    ids (``stripes``: many ids per row); masks of random rectangles made visible back to front."""
+    of ids (things of classes 1-3, stuff classes 0, 4 and 5, void), or of 1-3 px vertical stripes
+    of 13 ids (``stripes``: many ids per row); masks of random rectangles made visible back to
+    front. Id 0 is ``void_id + 1``, which the numba painter takes as its second reference id
+    before it has seen a row: a real segment all the same."""
     g = np.random.default_rng(seed)
-    ids = [c * 100 + i for c in (1, 2, 3) for i in (1, 2, 7)] + [400, 500, -1]
+    ids = [c * 100 + i for c in (1, 2, 3) for i in (1, 2, 7)] + [0, 400, 500, -1]
     maps = np.full((b, H, W), 500, np.int64)
     for i in range(b):
         if stripes:
