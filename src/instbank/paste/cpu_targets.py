@@ -42,8 +42,6 @@ def _planes(masks: torch.Tensor):
     return flat, planes.storage_offset(), np.asarray(planes.stride(), np.int64)
 
 
-
-
 def _prefetcher(write: int):
     """A numba intrinsic ``prefetch(array, index)``: ask the core to bring ``array[index]`` into
     the cache (for writing when ``write``: x86 ``prefetchw``, else ``prefetcht0``) without waiting
@@ -163,7 +161,9 @@ def _visibility(points, n, flat, offset, strides, h, w, padding, boxes, dropped)
                     continue
                 at = offset + b * strides[0] + py * strides[2] + px * strides[3]
                 for k in range(max(r - n + 1, 0), k_count):
-                    if boxed and not (boxes[b, k, 0] <= px < boxes[b, k, 2] and boxes[b, k, 1] <= py < boxes[b, k, 3]):
+                    outside = boxed and not (boxes[b, k, 0] <= px < boxes[b, k, 2] and
+                                             boxes[b, k, 1] <= py < boxes[b, k, 3])
+                    if outside:
                         continue
                     if flat[at + k * strides[1]]:
                         points[b, r, j, 2] = min(v, np.float32(1.0))
@@ -441,7 +441,8 @@ def _count_image(image, out, void, run_ids, run_starts):  # pragma: no cover
     return found[order], tally[used][order]
 
 
-#: Pixels of a row compared with their left neighbours in one vector step by ``_runs``.
+#: Pixels of a row ``_runs`` checks together for an edge before walking them (16, 32, 64 and 8
+#: measured alike).
 BLOCK = 16
 
 
@@ -552,15 +553,16 @@ def _paint_box(image, flat, plane, row_stride, box, new, void, ids, lost, missin
     ``missing[0]`` to it. Returns the pixels painted.
 
     Row by row with branch-free (vectorised) loops: how many set pixels hold each of two
-    reference ids ``a`` and ``b`` (a row crossing one segment edge holds two ids), and the
-    largest id of the others; when there are others (4% of the rows of the benchmark's pastes),
-    they are counted largest first (``_count_rest``) and the largest replaces the reference with
-    fewer pixels in the row; then one masked store paints the row.
+    reference ids ``a`` and ``b`` (a row crossing one segment edge holds two ids); when some hold
+    neither (4% of the rows of the benchmark's pastes), those are counted id by id
+    (``_count_rest``) and the first of them replaces the reference with fewer pixels in the row;
+    then one masked store paints the row.
 
     Measured per image on the benchmark's pastes (hard, synthetic; 600 rows of 56 pixels on
-    average), hot: 0.015 ms, against 0.022 with one reference id (12% of the rows then needed
-    a scalar scan for the first other id, 120 ns each) and 0.050-0.058 for the run-by-run loop
-    before (a branch per pixel, a binary search per run of one id). What it took:
+    average), hot: 0.018 ms, against 0.022 with one reference id (12% of the rows then needed
+    the scan for a first other id, 120 ns each) and 0.050-0.058 for the run-by-run loop before (a
+    branch per pixel, a binary search per run of one id). Also tried: the largest other id found
+    in the same pass (a max reduction: slower, 0.0215). What it took:
 
     - no array views and no helper calls in the row loop: each view numba makes (a row, a slice)
       and each call taking arrays is an atomic reference count up and down per array, which
@@ -582,16 +584,11 @@ def _paint_box(image, flat, plane, row_stride, box, new, void, ids, lost, missin
     step = max(64 // pixels.itemsize, 1)
     painted = 0
     for y in range(y0, y1):
-        if y + AHEAD < y1:  # written out (a helper's call counts its arrays' references), and as while
-            # loops: a range with a step divides to find its length, twice per row
-            x, end = (y + AHEAD) * w + x0, (y + AHEAD) * w + x1
-            while x < end:
+        if y + AHEAD < y1:  # written out: a helper's call counts its arrays' references
+            for x in range((y + AHEAD) * w + x0, (y + AHEAD) * w + x1, step):
                 _prefetch_write(pixels, np.uint64(x))
-                x += step
-            x, end = plane + (y + AHEAD) * row_stride + x0, plane + (y + AHEAD) * row_stride + x1
-            while x < end:
+            for x in range(plane + (y + AHEAD) * row_stride + x0, plane + (y + AHEAD) * row_stride + x1, 64):
                 _prefetch_read(flat, np.uint64(x))
-                x += 64
         row, mask = np.uint64(y * w + x0), np.uint64(plane + y * row_stride + x0)
         count, same_a, same_b, i = 0, 0, 0, np.uint64(0)
         while i < n:
