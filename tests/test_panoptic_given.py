@@ -169,6 +169,23 @@ def module_case(impl: str, seed: int, stripes: bool, labels=(1, 2, 3, 4, 5)):
 
 
 @pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_an_empty_batch_goes_through(impl):
+    """B = 0 (a loader's last, empty batch) with a map, its table and keypoints: empty outputs of
+    the right shapes, on both CPU impls."""
+    if impl == "numba":
+        pytest.importorskip("numba")
+    module = BankCopyPaste(impl=impl, panoptic=SCHEMA, scale_range=(0.3, 0.6))
+    module.set_bank_batch(torch.zeros((0, 3, 5, 16, 16), dtype=torch.uint8))
+    for segments in (None, (torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1), dtype=torch.long))):
+        out = module(torch.zeros((0, 3, H, W), dtype=torch.uint8), masks=torch.zeros((0, 2, H, W), dtype=torch.bool),
+                     labels=torch.zeros((0, 2), dtype=torch.long), keypoints=torch.zeros((0, 2, 5, 3)),
+                     keypoint_flip=list(range(5)), panoptic=torch.zeros((0, H, W), dtype=torch.int32),
+                     segments=segments, inplace=True)
+        assert out["panoptic"].shape == (0, H, W) and out["segments"].ids.shape == (0, 3)
+        assert out["keypoints"].shape == (0, 5, 5, 3) and out["images"].shape == (0, 3, H, W)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
 def test_inplace_paints_a_map_of_any_strides(impl):
     """``inplace=True`` paints the caller's map: a map of other strides (a transposed view) is
     painted as a contiguous copy and copied back."""

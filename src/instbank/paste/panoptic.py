@@ -245,7 +245,7 @@ def existing_segments(panoptic, labels, schema: PanopticSchema, segments=None):
     ``segments`` (``(ids, area)``, ``given_segments``) the ids and counts are the table's, rows of
     one id merged, and the map is not read."""
     if segments is None:
-        ids, counts, present = _distinct(panoptic.reshape(panoptic.shape[0], -1), schema.void_id)
+        ids, counts, present = _distinct(panoptic.flatten(1), schema.void_id)  # (flatten: B may be 0)
         where = "panoptic [B, H, W]"
     else:
         ids, counts, present = _distinct(segments[0], schema.void_id, segments[1])
@@ -348,8 +348,8 @@ def _lost_pixels(panoptic, paste_masks, existing, schema: PanopticSchema, checke
     """int64 ``[B, M]``: pixels of each existing segment that a paste covers; ``checked``: raise
     when a covered pixel's id is not among ``existing`` (a given table that lacks it)."""
     b, m = existing.shape
-    flat = panoptic.reshape(b, -1).to(torch.int64)
-    covered = any_along(paste_masks, 1).reshape(b, -1) & (flat != schema.void_id)
+    flat = panoptic.flatten(1).to(torch.int64)
+    covered = any_along(paste_masks, 1).flatten(1) & (flat != schema.void_id)
     lookup = torch.where(existing == schema.void_id, torch.iinfo(torch.int64).max, existing)  # padding sorts last
     slot = torch.searchsorted(lookup, flat).clamp_(max=m)
     if checked:
