@@ -76,6 +76,32 @@ def test_identity_paste_copies_the_crop():
     assert masks.sum().item() == s * s
 
 
+def test_a_group_box_reaching_into_another_group_keeps_its_pastes():
+    """Pastes 1-3 overlap in a chain (one overlap group) whose box, the box of their rectangles,
+    covers paste 0's rectangle, which overlaps none of theirs (its own group, composited first).
+    The later group's tile is stored whole, so it must be read from the output, not the input:
+    paste 0's pixels stay (the kernel read the input here until session 6)."""
+    s = 8
+    crops = torch.randint(0, 256, (1, 4, 4, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    crops[:, :, 3] = 255
+    scale = torch.tensor([[1.0, 2.0, 2.0, 2.0]])
+    translate = torch.tensor([[[2.0, 26.0], [0.0, 0.0], [12.0, 0.0], [24.0, 12.0]]])  # rectangles: 2 px margins
+    plan = make_plan(torch.ones((1, 4), dtype=torch.bool), scale, translate, torch.zeros((1, 4), dtype=torch.bool))
+    images = torch.zeros((1, 3, 40, 48), dtype=torch.uint8)
+    out, masks = assert_same(images, crops, plan)
+    assert torch.equal(out[0, :, 26:34, 2:10], crops[0, 0, :3])  # paste 0, whole and uncovered
+    assert masks[0, 0].sum() == s * s
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(k=st.integers(4, 8), h=st.integers(30, 80), w=st.integers(30, 80), seed=st.integers(0, 2**31 - 1))
+def test_matches_reference_with_several_overlap_groups(k, h, w, seed):
+    """Several pastes of mid size: several overlap groups, whose boxes may reach into each other."""
+    g = torch.Generator().manual_seed(seed)
+    plan = random_plan(g, 2, k, 16, h, w, scale_range=(0.5, 1.5))
+    assert_same(random_images(g, 2, h, w, torch.uint8), random_crops(g, 2, k, 16), plan)
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     b=st.integers(1, 2),

@@ -161,8 +161,10 @@ def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given, semanti
     ``with_masks``). ``semantic``: a contiguous integer map ``[B, H, W]``, painted in place with
     each paste's label (``plan.labels`` cast to its dtype) where its visible mask is set, as
     ``annotations.paint_semantic`` does. ``inplace``: the pastes are written into ``images``
-    (returned), with no copy of the pixels no paste reaches: the overlap groups' rectangles are
-    disjoint, so each is read whole before it is written."""
+    (returned), with no copy of the pixels no paste reaches. Each overlap group's tile is read from
+    the output, which holds the input's pixels and the earlier groups' pastes (a group's box, the
+    box of its rectangles, can reach into another group's rectangles), and only the pastes change
+    the pixels of a tile, so storing it whole is exact."""
     b, _, h, w = images.shape
     k, n = crops.shape[1], given.shape[1]
     out = images if inplace else torch.empty_like(images)
@@ -173,7 +175,7 @@ def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given, semanti
     result = out if work is images and out.stride() == images.stride() else torch.empty_like(work)
     if result is not images:
         result.copy_(work)  # pixels no paste reaches are final (a memcpy: numba's copy took 4x longer)
-    src, dst = (t.permute(0, 2, 3, 1) if channels_last else t for t in (work, result))
+    dst = result.permute(0, 2, 3, 1) if channels_last else result  # the input's pixels: tiles read them here
     keep = _NO_PADDING if padding_mask is None else np.ascontiguousarray(~padding_mask.to(torch.bool).numpy())
     pasted = Pasted(
         # zeros from calloc: above glibc's mmap threshold (a B=8 batch of COCO images padded to
@@ -191,7 +193,6 @@ def paste_batch(images, crops, alpha, plan, padding_mask, vrange, given, semanti
         mask_boxes=np.zeros((b, n, 4), np.float32),
     )
     _paste_batch(
-        src.numpy(),
         dst.numpy(),
         channels_last,
         _contiguous(crops),
@@ -236,7 +237,7 @@ def _contiguous(t: torch.Tensor) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _paste_batch(src, dst, channels_last, crops, alpha, apply, inv_scale, translate, flip, keep, gain, is_u8, given,
+def _paste_batch(dst, channels_last, crops, alpha, apply, inv_scale, translate, flip, keep, gain, is_u8, given,
                  paint, paint_ids, masks, rects, area, boxes, object_px, before, lost, refit, mask_boxes):  # pragma: no cover
     b_count, k_count = apply.shape
     n = given.shape[1]
@@ -262,7 +263,9 @@ def _paste_batch(src, dst, channels_last, crops, alpha, apply, inv_scale, transl
             for k in group:
                 gx0, gy0 = min(gx0, table[k, 0]), min(gy0, table[k, 1])
                 gx1, gy1 = max(gx1, table[k, 2]), max(gy1, table[k, 3])
-            tile = _load(src[b], channels_last, gx0, gy0, gx1, gy1)
+            # from the output, which holds the earlier groups: a group's box (the union of its
+            # rectangles' box) can reach into another group's rectangles, and is stored whole
+            tile = _load(dst[b], channels_last, gx0, gy0, gx1, gy1)
             # each paste's raw, then visible, mask over the group's box: written into the [H, W]
             # planes of the output only when asked for (without them a batch of 8 at 512^2 with
             # K = 8 allocates and faults in 17 MB less)
