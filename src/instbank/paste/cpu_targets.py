@@ -15,6 +15,7 @@ and is cached on disk like the paste kernel.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -227,10 +228,11 @@ def prepare_panoptic(panoptic, labels, schema, segments=None, out=None) -> Panop
     table_ids, table_area = (np.ascontiguousarray(t.numpy(), dtype=np.int64) for t in segments) if given else \
         (_NO_TABLE, _NO_TABLE)
     pastes = np.ascontiguousarray(labels.numpy(), dtype=np.int64)
-    *arrays, errors = _prepare(maps.numpy(), out.numpy(), out.data_ptr() == maps.data_ptr(), pastes,
-                               np.asarray(schema.thing_classes, np.int64), schema.label_divisor, schema.void_id, given,
-                               table_ids, table_area)
-    _raise(errors, schema, maps.dtype)
+    *arrays, errors, failed = _prepare(maps.numpy(), out.numpy(), out.data_ptr() == maps.data_ptr(), pastes,
+                                       _things(schema.thing_classes), schema.label_divisor, schema.void_id, given,
+                                       table_ids, table_area)
+    if failed:
+        _raise(errors, schema, maps.dtype)
     return PanopticPaint(out.numpy(), *arrays, schema.void_id, out, pastes)
 
 
@@ -248,12 +250,13 @@ def finish_panoptic(state: PanopticPaint, schema, paste_masks, boxes=None):
     planes, offset, strides = _planes(paste_masks if paste_masks.stride(-1) == 1 else paste_masks.contiguous())
     if boxes is None:
         boxes = torch.tensor([0, 0, w, h], dtype=torch.float32).expand(b, k, 4)
-    *table, errors = _paint_table(state.out, planes, offset, strides,
-                                  np.ascontiguousarray(boxes.numpy(), dtype=np.float32), state.new, state.void,
-                                  state.ids, state.count, state.area, state.lost, state.painted, state.missing,
-                                  state.labels, state.thing, np.asarray(schema.thing_classes, np.int64),
-                                  schema.label_divisor)
-    _raise(errors, schema, state.map.dtype)
+    *table, errors, failed = _paint_table(state.out, planes, offset, strides,
+                                          np.ascontiguousarray(boxes.numpy(), dtype=np.float32), state.new,
+                                          state.void, state.ids, state.count, state.area, state.lost, state.painted,
+                                          state.missing, state.labels, state.thing, _things(schema.thing_classes),
+                                          schema.label_divisor)
+    if failed:
+        _raise(errors, schema, state.map.dtype)
     return state.map, spec.Segments(*(torch.from_numpy(t) for t in table), num_existing=state.ids.shape[1])
 
 
@@ -261,13 +264,17 @@ def finish_panoptic(state: PanopticPaint, schema, paste_masks, boxes=None):
 _ERRORS = ("negative area", "negative id", "overflow", "void", "dtype", "missing", "short")
 
 
+@functools.lru_cache(maxsize=64)
+def _things(thing_classes: tuple) -> np.ndarray:
+    """A schema's thing classes as the int64 array the compiled functions take (made once)."""
+    return np.asarray(thing_classes, np.int64)
+
+
 def _raise(errors: np.ndarray, schema, dtype) -> None:
     """Raise the reference's error (its checks' order, ``_ERRORS``) from the first of each kind
-    recorded (``found, image, value, paste or area, class or lost`` per row)."""
+    recorded (``found, image, value, paste or area, class or lost`` per row; one at least)."""
     from instbank.paste import panoptic as spec
 
-    if not errors[:, 0].any():
-        return
     negative_area, negative, overflow, void, wide, missing, short = ([int(v) for v in row] for row in errors)
     if negative_area[0]:
         raise ValueError(spec.negative_area_message(negative_area[1], negative_area[2], negative_area[3]))
@@ -292,7 +299,7 @@ def _prepare(maps, out, in_place, labels, things, divisor, void, given, table_id
     the ``given`` table merged by id, ``_merged``, and the map copied unless ``in_place``), the
     first value breaking each check recorded in ``errors`` (rows 0-4 of ``_ERRORS``) and the
     pastes' ids (``_paste_ids``). Returns ``PanopticPaint``'s ``ids, count, area, new, thing, lost,
-    painted, missing`` and the errors."""
+    painted, missing``, the errors and whether any was found."""
     b_count, k_count = labels.shape
     errors = np.zeros((len(_ERRORS), 5), np.int64)  # per kind, the first: found, image, value, paste/area, class/lost
     id_max = np.iinfo(maps.dtype).max
@@ -325,7 +332,8 @@ def _prepare(maps, out, in_place, labels, things, divisor, void, given, table_id
         count[b] = found_ids[b].shape[0]
         ids[b, : count[b]], area[b, : count[b]] = found_ids[b], found_area[b]
     lost, missing = np.zeros((b_count, m_count), np.int64), np.full(b_count, np.iinfo(np.int64).max)
-    return ids, count, area, new, thing, lost, np.zeros((b_count, k_count), np.int64), missing, errors
+    return ids, count, area, new, thing, lost, np.zeros((b_count, k_count), np.int64), missing, errors, \
+        errors[:, 0].any()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -334,7 +342,8 @@ def _paint_table(out, planes, offset, strides, boxes, new, void, ids, count, are
     """Paint the pastes (``_paint_planes``), then ``panoptic.segment_table``'s arrays ``ids,
     classes, is_thing, area, valid`` ``[B, M+K]`` from ``PanopticPaint``'s arrays, and the errors
     (rows 5-6 of ``_ERRORS``: the first image with a missing id, the first segment losing more
-    than its area): one compiled call, as each call's arguments cost microseconds."""
+    than its area) and whether any was found: one compiled call, as each call's arguments cost
+    microseconds."""
     _paint_planes(out, planes, offset, strides, boxes, new, void, ids, count, lost, painted, missing)
     errors = np.zeros((len(_ERRORS), 5), np.int64)
     b_count, k_count = new.shape
@@ -356,7 +365,7 @@ def _paint_table(out, planes, offset, strides, boxes, new, void, ids, count, are
         for k in range(k_count):
             table_ids[b, m_count + k], classes[b, m_count + k] = new[b, k], labels[b, k]
             is_thing[b, m_count + k], table_area[b, m_count + k] = thing[b, k], painted[b, k]
-    return table_ids, classes, is_thing, table_area, table_area > 0, errors
+    return table_ids, classes, is_thing, table_area, table_area > 0, errors, errors[:, 0].any()
 
 
 @numba.njit(cache=True, nogil=True)
