@@ -292,10 +292,10 @@ class BankCopyPaste(nn.Module):
             check_keypoints(keypoints, b, existing.labels.shape[1])
         if panoptic is not None or segments is not None or panoptic_out is not None:
             _check_panoptic(panoptic, self.config, b, h, w, segments, panoptic_out)
-        # inplace paints the map as well; a map of other strides is painted as a copy, copied back
-        map_back = inplace and panoptic is not None and panoptic_out is None and not panoptic.is_contiguous()
-        if inplace and panoptic is not None and panoptic_out is None and not map_back:
-            panoptic_out = panoptic
+        map_back = False  # inplace paints the map as well; one of other strides as a copy, copied back
+        if inplace and panoptic is not None and panoptic_out is None:
+            map_back = not panoptic.is_contiguous()
+            panoptic_out = None if map_back else panoptic
         impl = resolve_impl(self.config.impl, images)
         staged, origin = self._stage(images, existing, keypoints, generator, impl)
         plan = self.source.draw(staged.geometry, (h, w), generator, padding_mask, images.device)
